@@ -1,0 +1,34 @@
+# Every target sets up .venv by itself (with a Python >= 3.12 found by scripts/find-python).
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test chaos bench schemas clean
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  interp=$$(scripts/find-python) || exit 1; \
+	  echo "creating $(VENV) with $$interp"; \
+	  "$$interp" -m venv $(VENV) || exit 1; \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	MAILBOX_HANDLER=$${MAILBOX_HANDLER:-echo} $(VENV)/bin/mailbox serve
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+chaos: $(STAMP)
+	$(PY) -m service.chaos --runs 2000 --threads 200
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+schemas: $(STAMP)
+	$(PY) -m service.schemas
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache

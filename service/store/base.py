@@ -1,0 +1,342 @@
+"""The store contract, implemented once over a small set of backend primitives.
+
+A backend (memory, NATS) supplies five primitives: run a read-decide-commit on one thread
+(`_thread_op`), read a thread (`_read_thread`), bind an id to its thread (`_bind`), resolve an
+id to its thread (`_thread_of`), and scan every thread (`_scan_threads`). Everything the
+contract says is decided by the pure functions of `ops`, so both backends behave alike by
+construction and the conformance suite checks the I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import msgspec
+
+from ..model import (
+    TERMINAL_STATUSES,
+    AlreadyExistsError,
+    DispatchStatus,
+    Interrupt,
+    NotFoundError,
+    RunDispatch,
+    RunDispatchResult,
+    RunRecord,
+    RunStatus,
+    ValidationError,
+    validate_for_enqueue,
+    validate_id,
+    validate_run,
+)
+from . import ops
+from .ops import Outcome, ThreadState
+
+T = TypeVar("T")
+
+AliasKind = Literal["dispatch", "run"]
+
+DEFAULT_MAX_RECORD_BYTES = 512 * 1024
+"""Largest stored record (encoded JSON). A run's input counts against it."""
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_record(record: RunDispatch | RunRecord, limit: int) -> bytes:
+    """The stored bytes of a record, or ValidationError when it is over the size limit."""
+    data = _encoder.encode(record)
+    if len(data) > limit:
+        rid = record.dispatch_id if isinstance(record, RunDispatch) else record.run_id
+        raise ValidationError(
+            f"record is {len(data)} bytes, over the {limit}-byte limit", field="payload", id=rid
+        )
+    return data
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def _check_non_negative(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 0:
+            raise ValidationError(f"{name} must be a non-negative integer", field=name)
+
+
+class ThreadStore(ABC):
+    """All store methods (spec/dispatch-contract.md §5), all async, `now` in ms."""
+
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+
+    # ------------------------------------------------------------------ primitives
+
+    @abstractmethod
+    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+        """Read the thread, decide, commit the change atomically with respect to every other
+        change of the thread (re-deciding after a conflict), then raise `outcome.error` if set."""
+
+    @abstractmethod
+    async def _read_thread(self, thread_id: str) -> ThreadState: ...
+
+    @abstractmethod
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
+        """Bind `id` to `thread_id` unless already bound; returns the thread it is bound to."""
+
+    @abstractmethod
+    async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
+
+    @abstractmethod
+    async def _scan_threads(self) -> list[ThreadState]:
+        """Every thread, in one bounded pass. Only maintenance and global views use it."""
+
+    async def close(self) -> None:
+        """Release the backend's resources."""
+
+    # ------------------------------------------------------------------ write path
+
+    async def enqueue(self, dispatch: RunDispatch) -> None:
+        """Persist a new Queued dispatch (durable before returning)."""
+        validate_for_enqueue(dispatch)
+        encode_record(dispatch, self.max_record_bytes)
+        await self._bind_for(dispatch)
+        await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch))
+
+    async def _bind_for(self, dispatch: RunDispatch) -> None:
+        bound = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
+        if bound != dispatch.thread_id:
+            raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
+        bound = await self._bind("run", dispatch.run_id, dispatch.thread_id)
+        if bound != dispatch.thread_id:
+            raise ValidationError(
+                f"run_id '{dispatch.run_id}' belongs to thread '{bound}', not '{dispatch.thread_id}'",
+                field="run_id",
+                id=dispatch.run_id,
+            )
+
+    async def claim(
+        self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1
+    ) -> list[RunDispatch]:
+        """Claim up to `limit` eligible dispatches of the thread, unless one is already claimed."""
+        validate_id(thread_id, "thread_id")
+        validate_id(consumer_id, "consumer_id")
+        _check_non_negative(lease_ms=lease_ms, now=now, limit=limit)
+        token = new_token()
+        return await self._thread_op(thread_id, lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit))
+
+    async def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int) -> RunDispatch | None:
+        """Claim one known Queued dispatch, ignoring `available_at`."""
+        validate_id(consumer_id, "consumer_id")
+        _check_non_negative(lease_ms=lease_ms, now=now)
+        token = new_token()
+        return await self._on_dispatch(
+            dispatch_id, None, lambda s: ops.claim_dispatch(s, dispatch_id, consumer_id, token, lease_ms, now)
+        )
+
+    async def ack(self, dispatch_id: str, claim_token: str, now: int) -> None:
+        await self._on_owned(dispatch_id, lambda s: ops.ack(s, dispatch_id, claim_token, now))
+
+    async def record_dispatch_start(
+        self, dispatch_id: str, claim_token: str, dispatch_instance_id: str, now: int
+    ) -> None:
+        await self._on_owned(
+            dispatch_id, lambda s: ops.record_dispatch_start(s, dispatch_id, claim_token, dispatch_instance_id, now)
+        )
+
+    async def record_run_result(
+        self, dispatch_id: str, claim_token: str, result: RunDispatchResult, now: int
+    ) -> None:
+        await self._on_owned(dispatch_id, lambda s: ops.record_run_result(s, dispatch_id, claim_token, result, now))
+
+    async def nack(self, dispatch_id: str, claim_token: str, retry_at: int, error: str, now: int) -> None:
+        _check_non_negative(retry_at=retry_at, now=now)
+        await self._on_owned(dispatch_id, lambda s: ops.nack(s, dispatch_id, claim_token, retry_at, error, now))
+
+    async def dead_letter(self, dispatch_id: str, claim_token: str, error: str, now: int) -> None:
+        await self._on_owned(dispatch_id, lambda s: ops.dead_letter(s, dispatch_id, claim_token, error, now))
+
+    async def cancel(self, dispatch_id: str, now: int) -> RunDispatch | None:
+        """Cancel a Queued dispatch; None when unknown or not Queued."""
+        return await self._on_dispatch(dispatch_id, None, lambda s: ops.cancel(s, dispatch_id, now))
+
+    async def extend_lease(self, dispatch_id: str, claim_token: str, extension_ms: int, now: int) -> bool:
+        """Heartbeat: `lease_until = now + extension_ms`; False when the claim is lost."""
+        _check_non_negative(extension_ms=extension_ms, now=now)
+        return await self._on_dispatch(
+            dispatch_id, False, lambda s: ops.extend_lease(s, dispatch_id, claim_token, extension_ms, now)
+        )
+
+    async def interrupt(self, thread_id: str, now: int) -> Interrupt:
+        """Bump the thread's epoch and supersede its queued dispatches, in one atomic step."""
+        validate_id(thread_id, "thread_id")
+        return await self._thread_op(thread_id, lambda s: ops.interrupt(s, now))
+
+    async def supersede_claimed(
+        self, dispatch_id: str, claim_token: str, now: int, reason: str
+    ) -> RunDispatch | None:
+        return await self._on_dispatch(
+            dispatch_id, None, lambda s: ops.supersede_claimed(s, dispatch_id, claim_token, now, reason)
+        )
+
+    async def _on_dispatch(self, dispatch_id: str, missing: T, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+        thread_id = await self._thread_of("dispatch", dispatch_id)
+        if thread_id is None:
+            return missing
+        return await self._thread_op(thread_id, decide)
+
+    async def _on_owned(self, dispatch_id: str, decide: Callable[[ThreadState], Outcome[None]]) -> None:
+        thread_id = await self._thread_of("dispatch", dispatch_id)
+        if thread_id is None:
+            raise NotFoundError(f"dispatch '{dispatch_id}' not found", id=dispatch_id)
+        await self._thread_op(thread_id, decide)
+
+    # ------------------------------------------------------------------ read path
+
+    async def current_dispatch_epoch(self, thread_id: str) -> int:
+        return (await self._read_thread(thread_id)).epoch
+
+    async def load_dispatch(self, dispatch_id: str) -> RunDispatch | None:
+        thread_id = await self._thread_of("dispatch", dispatch_id)
+        if thread_id is None:
+            return None
+        return (await self._read_thread(thread_id)).dispatches.get(dispatch_id)
+
+    async def list_dispatches(
+        self,
+        thread_id: str,
+        status_filter: list[DispatchStatus] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[RunDispatch]:
+        """The thread's dispatches in claim order, optionally filtered by status, paginated."""
+        if status_filter is not None and not status_filter:
+            return []
+        state = await self._read_thread(thread_id)
+        wanted = set(status_filter) if status_filter is not None else None
+        rows = sorted(
+            (d for d in state.dispatches.values() if wanted is None or d.status in wanted), key=RunDispatch.sort_key
+        )
+        return _page(rows, limit, offset)
+
+    async def read_thread(self, thread_id: str) -> ThreadState:
+        """Everything stored under a thread, read in one go."""
+        return await self._read_thread(thread_id)
+
+    # ------------------------------------------------------------------ global views
+
+    async def count_dispatches_by_status(self, status: DispatchStatus) -> int:
+        return sum(1 for st in await self._scan_threads() for d in st.dispatches.values() if d.status == status)
+
+    async def count_all_by_status(self) -> dict[DispatchStatus, int]:
+        """Every status's count from one scan (metrics)."""
+        counts = {s: 0 for s in DispatchStatus}
+        for st in await self._scan_threads():
+            for d in st.dispatches.values():
+                counts[d.status] += 1
+        return counts
+
+    async def list_terminal_dispatches(self, limit: int | None = None, offset: int = 0) -> list[RunDispatch]:
+        rows = sorted(
+            (d for st in await self._scan_threads() for d in st.dispatches.values() if d.status in TERMINAL_STATUSES),
+            key=lambda d: (d.updated_at, d.created_at, d.dispatch_id),
+        )
+        return _page(rows, limit, offset)
+
+    async def queued_thread_ids(self) -> list[str]:
+        return sorted(
+            {
+                st.thread_id
+                for st in await self._scan_threads()
+                if any(d.status == DispatchStatus.QUEUED for d in st.dispatches.values())
+            }
+        )
+
+    async def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
+        """Requeue (or dead-letter) claimed dispatches whose `lease_until < now`; stale ones are
+        superseded and not returned. Each candidate is re-decided on a fresh read, so
+        concurrent sweeps reclaim each dispatch once."""
+        _check_non_negative(now=now, limit=limit)
+        candidates = [
+            d
+            for st in await self._scan_threads()
+            for d in st.dispatches.values()
+            if d.status == DispatchStatus.CLAIMED and d.lease_until is not None and d.lease_until < now
+        ][:limit]
+        reclaimed: list[RunDispatch] = []
+        for d in candidates:
+            result = await self._thread_op(
+                d.thread_id, lambda s, i=d.dispatch_id: ops.reclaim_expired(s, i, now)
+            )
+            if result is not None:
+                reclaimed.append(result)
+        return reclaimed
+
+    async def purge_terminal(self, older_than: int) -> int:
+        """Delete terminal dispatches with `updated_at < older_than` (plus finished runs no
+        dispatch refers to, and the epoch of a thread left empty); returns dispatches deleted."""
+        purged = 0
+        for st in await self._scan_threads():
+            if any(d.is_terminal and d.updated_at < older_than for d in st.dispatches.values()) or any(
+                r.is_done and r.updated_at < older_than for r in st.runs.values()
+            ):
+                purged += await self._thread_op(st.thread_id, lambda s: ops.purge_terminal(s, older_than))
+        return purged
+
+    # ------------------------------------------------------------------ runs
+
+    async def create_run(self, run: RunRecord, dispatch: RunDispatch | None = None) -> None:
+        """Write a new run record, then its first dispatch (if given)."""
+        validate_run(run)
+        encode_record(run, self.max_record_bytes)
+        if dispatch is not None:
+            validate_for_enqueue(dispatch)
+            encode_record(dispatch, self.max_record_bytes)
+            bound = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
+            if bound != dispatch.thread_id:
+                raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
+        bound = await self._bind("run", run.run_id, run.thread_id)
+        if bound != run.thread_id:
+            raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
+        await self._thread_op(run.thread_id, lambda s: ops.create_run(s, run, dispatch))
+
+    async def load_run(self, run_id: str) -> RunRecord | None:
+        thread_id = await self._thread_of("run", run_id)
+        if thread_id is None:
+            return None
+        return (await self._read_thread(thread_id)).runs.get(run_id)
+
+    async def update_run(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]) -> RunRecord:
+        """Apply `change` (a pure function; it may run again after a conflict) to a run."""
+        thread_id = await self._thread_of("run", run_id)
+        if thread_id is None:
+            raise NotFoundError(f"run '{run_id}' not found", id=run_id)
+
+        return await self._thread_op(thread_id, lambda s: ops.update_run(s, run_id, change))
+
+    async def list_runs(
+        self,
+        thread_id: str,
+        status_filter: list[RunStatus] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[RunRecord]:
+        """The thread's runs, oldest first."""
+        state = await self._read_thread(thread_id)
+        rows = sorted(
+            (r for r in state.runs.values() if status_filter is None or r.status in status_filter),
+            key=lambda r: (r.created_at, r.run_id),
+        )
+        return _page(rows, limit, offset)
+
+    async def scan_runs(self, statuses: list[RunStatus]) -> list[RunRecord]:
+        """Runs in these statuses on every thread (startup recovery)."""
+        wanted = set(statuses)
+        return [r for st in await self._scan_threads() for r in st.runs.values() if r.status in wanted]
+
+
+def _page(rows: list[T], limit: int | None, offset: int) -> list[T]:
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValidationError("limit and offset must not be negative", field="limit")
+    end = None if limit is None else offset + limit
+    return rows[offset:end]

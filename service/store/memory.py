@@ -1,0 +1,62 @@
+"""`MemoryDispatchStore`: the reference implementation of the contract, in one process.
+
+Each method runs without awaiting inside its critical section, so it is atomic with
+respect to every other method on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from . import ops
+from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
+from .ops import DeleteDispatch, DeleteRun, ForgetRun, Outcome, PutDispatch, PutRun, ThreadState
+
+T = TypeVar("T")
+
+
+class MemoryDispatchStore(ThreadStore):
+    def __init__(self, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+        self.max_record_bytes = max_record_bytes
+        self._threads: dict[str, ThreadState] = {}
+        self._aliases: dict[tuple[AliasKind, str], str] = {}
+
+    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+        state = self._threads.get(thread_id) or ThreadState(thread_id=thread_id)
+        outcome = decide(_copy(state))
+        if outcome.change:
+            for w in outcome.change.writes:
+                if isinstance(w, PutDispatch | PutRun):
+                    encode_record(w.record, self.max_record_bytes)
+            new = ops.apply(state, outcome.change)
+            for w in outcome.change.writes:
+                if isinstance(w, DeleteDispatch):
+                    self._aliases.pop(("dispatch", w.dispatch_id), None)
+                elif isinstance(w, DeleteRun | ForgetRun):
+                    self._aliases.pop(("run", w.run_id), None)
+            if new.is_empty() and not new.epoch:
+                self._threads.pop(thread_id, None)
+            else:
+                self._threads[thread_id] = new
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result
+
+    async def _read_thread(self, thread_id: str) -> ThreadState:
+        return _copy(self._threads.get(thread_id) or ThreadState(thread_id=thread_id))
+
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
+        return self._aliases.setdefault((kind, id), thread_id)
+
+    async def _thread_of(self, kind: AliasKind, id: str) -> str | None:
+        return self._aliases.get((kind, id))
+
+    async def _scan_threads(self) -> list[ThreadState]:
+        return [_copy(s) for s in self._threads.values()]
+
+
+def _copy(state: ThreadState) -> ThreadState:
+    return ThreadState(
+        thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches), runs=dict(state.runs)
+    )

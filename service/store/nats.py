@@ -1,0 +1,563 @@
+"""`NatsDispatchStore`: the contract on one JetStream KV bucket (DESIGN.md §2.1).
+
+Layout: `t.H(thread).{epoch | d.H(dispatch) | r.H(run)}` plus the aliases `id.H(dispatch)`
+and `run.H(run)` (values: the thread id). A thread is read in one round trip (a direct batch
+get with `multi_last` over its subtree); the highest sequence in it is the thread's revision.
+Every change is published with `Nats-Expected-Last-Subject-Sequence` = that revision over the
+whole subtree, so it lands only if nothing in the thread changed since the read; multi-key
+changes that must be all-or-nothing (interrupt) go out as one atomic batch with the same guard.
+
+A publish whose reply is lost may still have landed: the key is re-read and compared with
+what we wrote before anything is retried, and nothing is compensated blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import StreamConfig
+
+from ..model import RunDispatch, RunRecord, StoreError, StoreUnavailableError
+from . import keys
+from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
+from .ops import (
+    Change,
+    DeleteDispatch,
+    DeleteEpoch,
+    DeleteRun,
+    ForgetRun,
+    Outcome,
+    PutDispatch,
+    PutEpoch,
+    PutRun,
+    ThreadState,
+    Write,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("mailbox.store")
+
+WRONG_LAST_SEQUENCE = 10071
+MAX_BATCH = 1000
+MARKER_TTL_S = 900
+"""Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    asyncio.TimeoutError,
+)
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+_dispatch_decoder = msgspec.json.Decoder(RunDispatch)
+_run_decoder = msgspec.json.Decoder(RunRecord)
+
+
+class _Conflict(Exception):
+    """The guarded write was rejected: the subtree (or key) moved on."""
+
+
+class _Entry(msgspec.Struct):
+    subject: str
+    seq: int
+    data: bytes
+    deleted: bool
+
+
+class NatsDispatchStore(ThreadStore):
+    """The dispatch store on NATS JetStream KV. Create with `await NatsDispatchStore.connect(...)`."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        prefix: str,
+        owns_connection: bool,
+        max_record_bytes: int,
+        request_timeout: float,
+        unavailable_after: float,
+    ) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self.bucket = keys.bucket_name(prefix)
+        self.stream = keys.stream_of_bucket(self.bucket)
+        self.max_record_bytes = min(max_record_bytes, nc.max_payload - 8 * 1024)
+        self._owns = owns_connection
+        self._timeout = request_timeout
+        self._unavailable_after = unavailable_after
+        self._kv = f"$KV.{self.bucket}."
+        self._direct = f"$JS.API.DIRECT.GET.{self.stream}"
+        self._inbox = ""
+        self._reply_sub: Any = None
+        self._pending: dict[str, tuple[list[Msg], asyncio.Future[int]]] = {}
+        self._next_token = 0
+        self._alias_cache: OrderedDict[tuple[AliasKind, str], str] = OrderedDict()
+        self._high_water = 0  # highest stream sequence we committed: reads must not be older
+        self.stats = StoreStats()
+
+    @classmethod
+    async def connect(
+        cls,
+        url_or_client: str | NATS,
+        *,
+        prefix: str = "mailbox",
+        replicas: int = 1,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        request_timeout: float = 5.0,
+        unavailable_after: float = 15.0,
+        **connect_options: Any,
+    ) -> NatsDispatchStore:
+        """Connect (or reuse a connected client), create or verify the bucket, and return the store."""
+        owns = isinstance(url_or_client, str)
+        nc = await nats.connect(url_or_client, **connect_options) if owns else url_or_client
+        store = cls(
+            nc,
+            prefix=prefix,
+            owns_connection=owns,
+            max_record_bytes=max_record_bytes,
+            request_timeout=request_timeout,
+            unavailable_after=unavailable_after,
+        )
+        try:
+            await store._ensure_bucket(replicas)
+            store._inbox = nc.new_inbox()
+            store._reply_sub = await nc.subscribe(store._inbox + ".*", cb=store._on_reply, pending_msgs_limit=-1)
+        except BaseException:
+            if owns:
+                await nc.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        if self._reply_sub is not None:
+            try:
+                await self._reply_sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+            self._reply_sub = None
+        if self._owns and not self.nc.is_closed:
+            await self.nc.close()
+
+    # ------------------------------------------------------------------ bucket
+
+    def _bucket_config(self, replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            subjects=[f"$KV.{self.bucket}.>"],
+            retention="limits",
+            max_msgs_per_subject=1,
+            discard="new",
+            storage="file",
+            num_replicas=replicas,
+            deny_delete=True,
+            allow_rollup_hdrs=True,
+            allow_direct=True,
+            allow_msg_ttl=True,
+            allow_atomic=True,
+            duplicate_window=120.0,
+        )
+
+    async def _ensure_bucket(self, replicas: int) -> None:
+        js = self.nc.jetstream(timeout=self._timeout)
+        wanted = self._bucket_config(replicas)
+        try:
+            info = await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(wanted)
+            return
+        have = info.config
+        problems = [
+            f"{name}={getattr(have, name)!r} (want {getattr(wanted, name)!r})"
+            for name in ("max_msgs_per_subject", "allow_direct", "allow_msg_ttl", "allow_rollup_hdrs")
+            if getattr(have, name) != getattr(wanted, name)
+        ]
+        if problems:
+            raise StoreError(f"bucket stream {self.stream} has an incompatible config: {', '.join(problems)}")
+        if not have.allow_atomic:  # older deployments: atomic batches can be switched on in place
+            have.allow_atomic = True
+            await js.update_stream(have)
+
+    # ------------------------------------------------------------------ primitives
+
+    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+        deadline = time.monotonic() + self._unavailable_after
+        attempt = 0
+        while True:
+            state, rev = await self._snapshot(thread_id)
+            outcome = decide(state)
+            if outcome.change:
+                try:
+                    await self._commit(thread_id, rev, outcome.change)
+                except _Conflict:
+                    self.stats.conflicts += 1
+                    attempt += 1
+                    if time.monotonic() > deadline:
+                        raise StoreUnavailableError(
+                            f"thread '{thread_id}' kept changing; gave up after {attempt} attempts", id=thread_id
+                        ) from None
+                    # jittered backoff spreads out writers racing on one thread
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
+                    continue
+            if outcome.error is not None:
+                raise outcome.error
+            return outcome.result
+
+    async def _read_thread(self, thread_id: str) -> ThreadState:
+        return (await self._snapshot(thread_id))[0]
+
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
+        key = _alias_key(kind, id)
+        data = thread_id.encode()
+        expected = 0
+        for _ in range(5):
+            try:
+                await self._publish(key, data, {"Nats-Expected-Last-Subject-Sequence": str(expected)})
+                self._remember_alias(kind, id, thread_id)
+                return thread_id
+            except _Conflict:
+                current = await self._get_last(key)
+                if current is not None and not current.deleted:
+                    bound = current.data.decode()
+                    self._remember_alias(kind, id, bound)
+                    return bound
+                expected = current.seq if current is not None else 0  # a purge marker: take its place
+        raise StoreUnavailableError(f"could not bind {kind} '{id}'", id=id)
+
+    async def _thread_of(self, kind: AliasKind, id: str) -> str | None:
+        cached = self._alias_cache.get((kind, id))
+        if cached is not None:
+            return cached
+        entry = await self._get_last(_alias_key(kind, id))
+        if entry is None or entry.deleted:
+            return None
+        thread_id = entry.data.decode()
+        self._remember_alias(kind, id, thread_id)
+        return thread_id
+
+    def _remember_alias(self, kind: AliasKind, id: str, thread_id: str) -> None:
+        # an id's thread never changes, so this cache can only be incomplete, never wrong
+        # (a purged and re-created id is the exception; reads then find no record, see load)
+        self._alias_cache[(kind, id)] = thread_id
+        if len(self._alias_cache) > 100_000:
+            self._alias_cache.popitem(last=False)
+
+    async def _scan_threads(self) -> list[ThreadState]:
+        threads: dict[str, ThreadState] = {}
+        for e in await self._scan(f"{self._kv}t.>"):
+            if e.deleted:
+                continue
+            thread_token, rest = _split_thread_key(e.subject[len(self._kv) :])
+            thread_id = keys.unH(thread_token)
+            st = threads.get(thread_id)
+            if st is None:
+                st = threads[thread_id] = ThreadState(thread_id=thread_id, dispatches={}, runs={})
+            _absorb(st, rest, e.data)
+        return list(threads.values())
+
+    # ------------------------------------------------------------------ snapshot and commit
+
+    async def _snapshot(self, thread_id: str) -> tuple[ThreadState, int]:
+        prefix = f"{self._kv}{keys.thread_prefix(thread_id)}."
+        request: dict[str, Any] = {"multi_last": [prefix + ">"], "batch": 1024}
+        if self._high_water:
+            request["min_last_seq"] = self._high_water
+        status, msgs = await self._batch_get(request)
+        self.stats.snapshots += 1
+        if status == 413:  # more keys than one multi_last answers: scan the subtree in order
+            entries = await self._scan(prefix + ">")
+        else:
+            entries = [_entry(m) for m in msgs]
+        state = ThreadState(thread_id=thread_id, dispatches={}, runs={})
+        rev = 0
+        for e in entries:
+            rev = max(rev, e.seq)  # tombstones count: they are part of the thread's history
+            if not e.deleted:
+                _absorb(state, e.subject[len(prefix) :], e.data)
+        return state, rev
+
+    async def _commit(self, thread_id: str, rev: int, change: Change) -> None:
+        """Publish `change` guarded by the thread revision `rev`; raises _Conflict if the thread moved."""
+        subtree = f"{self._kv}{keys.thread_prefix(thread_id)}.>"
+        writes = [self._encode_write(thread_id, w) for w in change.writes]
+        if change.atomic and len(writes) > 1:
+            for start in range(0, len(writes), MAX_BATCH):
+                rev = await self._publish_batch(writes[start : start + MAX_BATCH], rev, subtree)
+            return
+        for w, (key, data, headers) in zip(change.writes, writes):
+            if isinstance(w, ForgetRun):
+                await self._purge_alias(w)
+                continue
+            guard = {
+                "Nats-Expected-Last-Subject-Sequence": str(rev),
+                "Nats-Expected-Last-Subject-Sequence-Subject": subtree,
+                **headers,
+            }
+            rev = await self._publish(key, data, guard)
+            if isinstance(w, DeleteDispatch | DeleteRun):
+                await self._purge_alias(w)
+
+    def _encode_write(self, thread_id: str, w: Write) -> tuple[str, bytes, dict[str, str]]:
+        match w:
+            case PutDispatch(record=d):
+                return keys.dispatch_key(thread_id, d.dispatch_id), encode_record(d, self.max_record_bytes), {}
+            case PutRun(record=r):
+                return keys.run_key(thread_id, r.run_id), encode_record(r, self.max_record_bytes), {}
+            case PutEpoch(epoch=e):
+                return keys.epoch_key(thread_id), str(e).encode(), {}
+            case DeleteDispatch(dispatch_id=i):
+                return keys.dispatch_key(thread_id, i), b"", _PURGE
+            case DeleteRun(run_id=i):
+                return keys.run_key(thread_id, i), b"", _PURGE
+            case DeleteEpoch():
+                return keys.epoch_key(thread_id), b"", _PURGE
+            case ForgetRun(run_id=i):
+                return keys.run_alias_key(i), b"", _PURGE
+        raise AssertionError(w)
+
+    async def _purge_alias(self, w: DeleteDispatch | DeleteRun | ForgetRun) -> None:
+        kind: AliasKind = "dispatch" if isinstance(w, DeleteDispatch) else "run"
+        id = w.dispatch_id if isinstance(w, DeleteDispatch) else w.run_id
+        self._alias_cache.pop((kind, id), None)
+        try:
+            await self._publish(_alias_key(kind, id), b"", _PURGE)
+        except (StoreError, _Conflict) as exc:  # an orphan alias is harmless; GC retries it
+            log.warning("event=alias_purge_failed kind=%s id=%s error=%s", kind, id, exc)
+
+    # ------------------------------------------------------------------ NATS requests
+
+    async def _publish(self, key: str, data: bytes, headers: dict[str, str]) -> int:
+        """One publish; returns its stream sequence. A lost reply is resolved by re-reading."""
+        subject = self._kv + key
+        deadline = time.monotonic() + self._unavailable_after
+        while True:
+            try:
+                reply = await self._request(subject, data, headers)
+            except _TRANSIENT as exc:
+                landed = await self._landed(key, data, headers)
+                if landed is not None:
+                    return landed
+                if time.monotonic() > deadline:
+                    raise StoreUnavailableError(f"publish to {key} failed: {exc!r}", id=key) from exc
+                await asyncio.sleep(0.05)
+                continue
+            ack = _pub_ack.decode(reply.data)
+            if ack.error is None:
+                self._high_water = max(self._high_water, ack.seq)
+                self.stats.publishes += 1
+                return ack.seq
+            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+                raise _Conflict(ack.error.description)
+            if ack.error.code == 503 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)  # no stream leader right now (cluster election)
+                continue
+            raise StoreUnavailableError(f"publish to {key} rejected: {ack.error.description}", id=key)
+
+    async def _request(self, subject: str, data: bytes, headers: dict[str, str]) -> Msg:
+        """The transport call behind every publish (tests wrap it to inject faults)."""
+        return await self.nc.request(subject, data, timeout=self._timeout, headers=headers)
+
+    async def _landed(self, key: str, data: bytes, headers: dict[str, str]) -> int | None:
+        """After a lost reply: did our write land? Compares the key's current value with ours."""
+        try:
+            entry = await self._get_last(key)
+        except StoreUnavailableError:
+            return None
+        if entry is None:
+            return None
+        purge = headers.get("KV-Operation") == "PURGE"
+        if (purge and entry.deleted) or (not purge and not entry.deleted and entry.data == data):
+            self.stats.lost_replies_recovered += 1
+            log.info("event=lost_reply_resolved key=%s seq=%d", key, entry.seq)
+            return entry.seq
+        return None
+
+    async def _publish_batch(self, writes: list[tuple[str, bytes, dict[str, str]]], rev: int, subtree: str) -> int:
+        """One atomic batch (ADR-50), guarded on its first message; returns the commit's sequence."""
+        batch_id = uuid.uuid4().hex
+        last = len(writes)
+        for n, (key, data, headers) in enumerate(writes, start=1):
+            h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), **headers}
+            if n == 1:
+                h["Nats-Expected-Last-Subject-Sequence"] = str(rev)
+                h["Nats-Expected-Last-Subject-Sequence-Subject"] = subtree
+            if n == last:
+                h["Nats-Batch-Commit"] = "1"
+                break
+            if n == 1:
+                await self.nc.request(self._kv + key, data, timeout=self._timeout, headers=h)
+            else:
+                await self.nc.publish(self._kv + key, data, headers=h)
+        key, data, _ = writes[-1]
+        try:
+            reply = await self._request(self._kv + key, data, h)
+        except _TRANSIENT as exc:
+            first_key, first_data, first_headers = writes[0]
+            landed = await self._landed(first_key, first_data, first_headers)
+            if landed is not None and landed > rev:
+                return await self._seq_of(key)
+            raise StoreUnavailableError(f"atomic batch on {subtree} failed: {exc!r}") from exc
+        ack = _pub_ack.decode(reply.data)
+        if ack.error is not None:
+            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+                raise _Conflict(ack.error.description)
+            raise StoreUnavailableError(f"atomic batch on {subtree} rejected: {ack.error.description}")
+        self._high_water = max(self._high_water, ack.seq)
+        self.stats.batches += 1
+        return ack.seq
+
+    async def _seq_of(self, key: str) -> int:
+        entry = await self._get_last(key)
+        return entry.seq if entry is not None else 0
+
+    async def _get_last(self, key: str) -> _Entry | None:
+        """Direct get of a key's last message (tombstones included), or None if it has none."""
+        deadline = time.monotonic() + self._unavailable_after
+        while True:
+            try:
+                msg = await self.nc.request(f"{self._direct}.{self._kv}{key}", b"", timeout=self._timeout)
+            except _TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailableError(f"read of {key} failed: {exc!r}", id=key) from exc
+                await asyncio.sleep(0.05)
+                continue
+            status = _status(msg)
+            if status == 404:
+                return None
+            if status is None:
+                return _entry(msg)
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"read of {key} failed with status {status}", id=key)
+            await asyncio.sleep(0.05)
+
+    async def _batch_get(self, request: dict[str, Any]) -> tuple[int, list[Msg]]:
+        """A direct batch get answered on our long-lived reply subscription.
+        Returns (status, messages): 204 at end of batch, 404 no results, 413 too many."""
+        payload = msgspec.json.encode(request)
+        deadline = time.monotonic() + self._unavailable_after
+        while True:
+            self._next_token += 1
+            token = str(self._next_token)
+            msgs: list[Msg] = []
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._pending[token] = (msgs, done)
+            try:
+                await self.nc.publish(self._direct, payload, reply=f"{self._inbox}.{token}")
+                status = await asyncio.wait_for(done, self._timeout)
+            except _TRANSIENT:
+                status = -1
+            finally:
+                self._pending.pop(token, None)
+            if status in (204, 404, 413):
+                return status, msgs
+            # 503 no leader / 408 replica behind min_last_seq / transport error: retry until the deadline
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"batch read failed (status {status})")
+            await asyncio.sleep(0.05)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        pending = self._pending.get(token)
+        if pending is None:
+            return
+        msgs, done = pending
+        status = _status(msg)
+        if status is None:
+            msgs.append(msg)
+        elif not done.done():
+            done.set_result(status)
+
+    async def _scan(self, subject_filter: str, page: int = 10_000) -> list[_Entry]:
+        """Every key matching the filter (last value each), in stream order, page by page."""
+        out: list[_Entry] = []
+        seq = 1
+        while True:
+            status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
+            self.stats.scanned_keys += len(msgs)
+            out.extend(_entry(m) for m in msgs)
+            if status != 204 or len(msgs) < page or not msgs:
+                return out
+            seq = out[-1].seq + 1
+
+
+class StoreStats:
+    """Counters of NATS round trips, for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.snapshots = 0
+        self.publishes = 0
+        self.batches = 0
+        self.conflicts = 0
+        self.scanned_keys = 0
+        self.lost_replies_recovered = 0
+
+
+_PURGE = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": str(MARKER_TTL_S)}
+
+
+def _alias_key(kind: AliasKind, id: str) -> str:
+    return keys.dispatch_alias_key(id) if kind == "dispatch" else keys.run_alias_key(id)
+
+
+def _status(msg: Msg) -> int | None:
+    """The status of a JetStream control reply (404, 204 end of batch, ...), None for data."""
+    status = (msg.headers or {}).get("Status")
+    return int(status) if status else None
+
+
+def _entry(msg: Msg) -> _Entry:
+    h = msg.headers or {}
+    return _Entry(
+        subject=h.get("Nats-Subject", ""),
+        seq=int(h.get("Nats-Sequence", "0")),
+        data=msg.data,
+        deleted=h.get("KV-Operation") in ("DEL", "PURGE"),
+    )
+
+
+def _split_thread_key(key: str) -> tuple[str, str]:
+    """`t.<H(thread)>.<rest>` → (H(thread), rest)."""
+    _, thread_token, rest = key.split(".", 2)
+    return thread_token, rest
+
+
+def _absorb(state: ThreadState, rest: str, data: bytes) -> None:
+    """Add one stored key (relative to the thread's subtree) to a thread state."""
+    if rest == "epoch":
+        state.epoch = int(data)
+    elif rest.startswith("d."):
+        d = _dispatch_decoder.decode(data)
+        state.dispatches[d.dispatch_id] = d
+    elif rest.startswith("r."):
+        r = _run_decoder.decode(data)
+        state.runs[r.run_id] = r

@@ -1,0 +1,432 @@
+"""The store's decisions, as pure functions of one thread's state.
+
+Every store method that changes a thread reads a `ThreadState`, calls one function here, and
+commits the returned `Change` (the memory store applies it; the NATS store publishes it
+guarded by the thread's revision, and retries the whole read-decide-commit on a conflict).
+Both stores therefore share one implementation of the contract's rules, and these
+functions are unit-tested without any I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import msgspec
+
+from ..model import (
+    CLAIMED_LEASE_EXPIRED_AFTER_INTERRUPT,
+    CLAIMED_SUPERSEDED_BEFORE_DEAD_LETTER,
+    CLAIMED_SUPERSEDED_BEFORE_NACK,
+    CLAIMED_SUPERSEDED_BEFORE_RESULT,
+    CLAIMED_SUPERSEDED_BEFORE_START,
+    CLAIMED_SUPERSEDED_BY_EPOCH,
+    CLAIMED_SUPERSEDED_DURING_LEASE_RENEWAL,
+    QUEUED_SUPERSEDED_BY_EPOCH,
+    QUEUED_SUPERSEDED_BY_INTERRUPT,
+    AlreadyExistsError,
+    DispatchStatus,
+    Interrupt,
+    NotFoundError,
+    RunDispatch,
+    RunDispatchResult,
+    RunRecord,
+    StoreError,
+    ValidationError,
+    VersionConflictError,
+    is_stale,
+    validate_for_enqueue,
+    validate_run,
+)
+
+T = TypeVar("T")
+
+
+class ThreadState(msgspec.Struct):
+    """Everything stored under one thread: its epoch, dispatches and runs."""
+
+    thread_id: str
+    epoch: int = 0
+    dispatches: dict[str, RunDispatch] = {}
+    runs: dict[str, RunRecord] = {}
+
+    def claimed(self) -> list[RunDispatch]:
+        return sorted(
+            (d for d in self.dispatches.values() if d.status == DispatchStatus.CLAIMED), key=RunDispatch.sort_key
+        )
+
+    def is_empty(self) -> bool:
+        return not self.dispatches and not self.runs
+
+
+# One write of a Change. Writes are applied in order; see Change.atomic.
+class PutDispatch(msgspec.Struct, frozen=True):
+    record: RunDispatch
+
+
+class PutRun(msgspec.Struct, frozen=True):
+    record: RunRecord
+
+
+class PutEpoch(msgspec.Struct, frozen=True):
+    epoch: int
+
+
+class DeleteDispatch(msgspec.Struct, frozen=True):
+    dispatch_id: str
+
+
+class DeleteRun(msgspec.Struct, frozen=True):
+    run_id: str
+
+
+class DeleteEpoch(msgspec.Struct, frozen=True):
+    pass
+
+
+class ForgetRun(msgspec.Struct, frozen=True):
+    """Release a run id that has no record and no dispatch left (only its alias remains)."""
+
+    run_id: str
+
+
+Write = PutDispatch | PutRun | PutEpoch | DeleteDispatch | DeleteRun | DeleteEpoch | ForgetRun
+
+
+class Change(msgspec.Struct):
+    """Writes to one thread.
+
+    `atomic=False` means every prefix of `writes` is itself a valid state, so a backend may
+    commit them one by one (and, after a conflict, re-decide from a fresh read).
+    `atomic=True` means all or nothing (interrupt: epoch bump plus supersedes).
+    """
+
+    writes: list[Write] = []
+    atomic: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.writes)
+
+
+class Outcome(msgspec.Struct, Generic[T]):
+    """The decision: what to write, what to return, and an error to raise *after* the
+    write (a stale claim is superseded durably and the call still fails)."""
+
+    change: Change
+    result: T
+    error: StoreError | None = None
+
+
+def apply(state: ThreadState, change: Change) -> ThreadState:
+    """The state after `change` (used by the memory store and by tests)."""
+    dispatches = dict(state.dispatches)
+    runs = dict(state.runs)
+    epoch = state.epoch
+    for w in change.writes:
+        match w:
+            case PutDispatch(record=d):
+                dispatches[d.dispatch_id] = d
+            case PutRun(record=r):
+                runs[r.run_id] = r
+            case PutEpoch(epoch=e):
+                epoch = e
+            case DeleteDispatch(dispatch_id=i):
+                dispatches.pop(i, None)
+            case DeleteRun(run_id=i):
+                runs.pop(i, None)
+            case DeleteEpoch():
+                epoch = 0
+            case ForgetRun():
+                pass
+    return ThreadState(thread_id=state.thread_id, epoch=epoch, dispatches=dispatches, runs=runs)
+
+
+def _puts(*records: RunDispatch) -> Change:
+    return Change([PutDispatch(d) for d in records])
+
+
+_NOTHING = Change()
+
+
+# --------------------------------------------------------------------------- enqueue
+
+
+def enqueue(state: ThreadState, d: RunDispatch) -> Outcome[None]:
+    validate_for_enqueue(d)
+    if d.dispatch_id in state.dispatches:
+        raise AlreadyExistsError(f"dispatch '{d.dispatch_id}' already exists", id=d.dispatch_id)
+    if d.dedupe_key is not None:
+        for other in state.dispatches.values():
+            if other.dedupe_key == d.dedupe_key and not other.is_terminal:
+                raise AlreadyExistsError(f"dedupe_key={d.dedupe_key}", id=other.dispatch_id)
+    return Outcome(_puts(d.prepare_for_enqueue(state.epoch)), None)
+
+
+def create_run(state: ThreadState, run: RunRecord, dispatch: RunDispatch | None) -> Outcome[None]:
+    """Write a new run, then (optionally) its first dispatch. Run first: a crash in between
+    leaves a `created` run that recovery re-enqueues. Re-running after a partial commit finds
+    our own run already there (equal record) and only enqueues."""
+    validate_run(run)
+    writes: list[Write] = []
+    existing = state.runs.get(run.run_id)
+    if existing is None:
+        writes.append(PutRun(run))
+    elif existing != run:
+        raise AlreadyExistsError(f"run '{run.run_id}' already exists", id=run.run_id)
+    if dispatch is not None:
+        if dispatch.run_id != run.run_id or dispatch.thread_id != run.thread_id:
+            raise ValidationError("dispatch must belong to the run and its thread", id=dispatch.dispatch_id)
+        if existing is not None and dispatch.dispatch_id in state.dispatches:
+            raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
+        writes.extend(enqueue(state, dispatch).change.writes)
+    return Outcome(Change(writes), None)
+
+
+def update_run(
+    state: ThreadState, run_id: str, change: Callable[[RunRecord], RunRecord | None]
+) -> Outcome[RunRecord]:
+    run = state.runs.get(run_id)
+    if run is None:
+        raise NotFoundError(f"run '{run_id}' not found", id=run_id)
+    new = change(run)
+    if new is None or new == run:
+        return Outcome(_NOTHING, run)
+    if new.run_id != run.run_id or new.thread_id != run.thread_id:
+        raise ValidationError("a run's id and thread never change", id=run_id)
+    validate_run(new)
+    return Outcome(Change([PutRun(new)]), new)
+
+
+# --------------------------------------------------------------------------- claim
+
+
+def _supersede_stale_queued(state: ThreadState, now: int) -> list[RunDispatch]:
+    return [
+        d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH)
+        for d in state.dispatches.values()
+        if d.status == DispatchStatus.QUEUED and is_stale(d, state.epoch)
+    ]
+
+
+def claim(
+    state: ThreadState, consumer_id: str, token: str, lease_ms: int, now: int, limit: int
+) -> Outcome[list[RunDispatch]]:
+    mine = [d for d in state.claimed() if d.claim_token == token]
+    if mine:  # our own commit landed though its reply was lost: same answer again
+        return Outcome(_NOTHING, mine)
+    superseded = _supersede_stale_queued(state, now)
+    gone = {d.dispatch_id for d in superseded}
+    if limit <= 0 or state.claimed():
+        return Outcome(_puts(*superseded), [])
+    eligible = sorted(
+        (
+            d
+            for d in state.dispatches.values()
+            if d.status == DispatchStatus.QUEUED and d.available_at <= now and d.dispatch_id not in gone
+        ),
+        key=RunDispatch.sort_key,
+    )[:limit]
+    claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
+    change = _puts(*superseded, *claimed)
+    # several claims at once must land together; supersedes before a single claim need not
+    change.atomic = len(claimed) > 1
+    return Outcome(change, claimed)
+
+
+def claim_dispatch(
+    state: ThreadState, dispatch_id: str, consumer_id: str, token: str, lease_ms: int, now: int
+) -> Outcome[RunDispatch | None]:
+    d = state.dispatches.get(dispatch_id)
+    if d is not None and d.status == DispatchStatus.CLAIMED and d.claim_token == token:
+        return Outcome(_NOTHING, d)  # our own commit, reply lost
+    if d is None or d.status != DispatchStatus.QUEUED:
+        return Outcome(_NOTHING, None)
+    if is_stale(d, state.epoch):
+        return Outcome(_puts(d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH)), None)
+    if state.claimed():
+        return Outcome(_NOTHING, None)
+    claimed = d.claim(consumer_id, token, now + lease_ms, now)
+    return Outcome(_puts(claimed), claimed)
+
+
+# --------------------------------------------------------------------------- token-checked
+
+
+def _owned(state: ThreadState, dispatch_id: str, token: str) -> RunDispatch:
+    d = state.dispatches.get(dispatch_id)
+    if d is None:
+        raise NotFoundError(f"dispatch '{dispatch_id}' not found", id=dispatch_id)
+    if d.status != DispatchStatus.CLAIMED or d.claim_token != token:
+        raise VersionConflictError(
+            f"dispatch '{dispatch_id}' is not claimed with this token", expected=0, actual=1, id=dispatch_id
+        )
+    return d
+
+
+def _stale_outcome(state: ThreadState, d: RunDispatch, now: int, reason: str) -> Outcome[None]:
+    return Outcome(
+        _puts(d.mark_superseded_at_epoch(now, state.epoch, reason)),
+        None,
+        VersionConflictError(
+            f"dispatch '{d.dispatch_id}' is stale (epoch {d.dispatch_epoch} < {state.epoch}); superseded",
+            expected=d.dispatch_epoch,
+            actual=state.epoch,
+            id=d.dispatch_id,
+        ),
+    )
+
+
+def _token_op(
+    state: ThreadState,
+    dispatch_id: str,
+    token: str,
+    now: int,
+    stale_reason: str,
+    transition: Callable[[RunDispatch], RunDispatch],
+) -> Outcome[None]:
+    d = _owned(state, dispatch_id, token)
+    if is_stale(d, state.epoch):
+        return _stale_outcome(state, d, now, stale_reason)
+    return Outcome(_puts(transition(d)), None)
+
+
+def ack(state: ThreadState, dispatch_id: str, claim_token: str, now: int) -> Outcome[None]:
+    return _token_op(state, dispatch_id, claim_token, now, CLAIMED_SUPERSEDED_BY_EPOCH, lambda d: d.mark_acked(now))
+
+
+def record_dispatch_start(
+    state: ThreadState, dispatch_id: str, claim_token: str, dispatch_instance_id: str, now: int
+) -> Outcome[None]:
+    return _token_op(
+        state,
+        dispatch_id,
+        claim_token,
+        now,
+        CLAIMED_SUPERSEDED_BEFORE_START,
+        lambda d: d.record_dispatch_start(dispatch_instance_id, now),
+    )
+
+
+def record_run_result(
+    state: ThreadState, dispatch_id: str, claim_token: str, result: RunDispatchResult, now: int
+) -> Outcome[None]:
+    return _token_op(
+        state,
+        dispatch_id,
+        claim_token,
+        now,
+        CLAIMED_SUPERSEDED_BEFORE_RESULT,
+        lambda d: d.record_run_result(result, now),
+    )
+
+
+def nack(
+    state: ThreadState, dispatch_id: str, claim_token: str, retry_at: int, error: str, now: int
+) -> Outcome[None]:
+    return _token_op(
+        state,
+        dispatch_id,
+        claim_token,
+        now,
+        CLAIMED_SUPERSEDED_BEFORE_NACK,
+        lambda d: d.mark_nack_result(now, retry_at, error),
+    )
+
+
+def dead_letter(state: ThreadState, dispatch_id: str, claim_token: str, error: str, now: int) -> Outcome[None]:
+    return _token_op(
+        state,
+        dispatch_id,
+        claim_token,
+        now,
+        CLAIMED_SUPERSEDED_BEFORE_DEAD_LETTER,
+        lambda d: d.mark_dead_letter(now, error),
+    )
+
+
+def extend_lease(state: ThreadState, dispatch_id: str, claim_token: str, extension_ms: int, now: int) -> Outcome[bool]:
+    d = state.dispatches.get(dispatch_id)
+    if d is None or d.status != DispatchStatus.CLAIMED or d.claim_token != claim_token:
+        return Outcome(_NOTHING, False)
+    if is_stale(d, state.epoch):
+        return Outcome(
+            _puts(d.mark_superseded_at_epoch(now, state.epoch, CLAIMED_SUPERSEDED_DURING_LEASE_RENEWAL)), False
+        )
+    return Outcome(_puts(d.extend_lease(now + extension_ms, now)), True)
+
+
+def supersede_claimed(
+    state: ThreadState, dispatch_id: str, claim_token: str, now: int, reason: str
+) -> Outcome[RunDispatch | None]:
+    d = state.dispatches.get(dispatch_id)
+    if d is None or d.status != DispatchStatus.CLAIMED:
+        return Outcome(_NOTHING, None)
+    if d.claim_token != claim_token:
+        raise VersionConflictError(
+            f"dispatch '{dispatch_id}' is not claimed with this token", expected=0, actual=1, id=dispatch_id
+        )
+    new = d.mark_superseded_at_epoch(now, max(d.dispatch_epoch, state.epoch), reason)
+    return Outcome(_puts(new), new)
+
+
+# --------------------------------------------------------------------------- untokened
+
+
+def cancel(state: ThreadState, dispatch_id: str, now: int) -> Outcome[RunDispatch | None]:
+    d = state.dispatches.get(dispatch_id)
+    if d is None or d.status != DispatchStatus.QUEUED:
+        return Outcome(_NOTHING, None)
+    new = d.mark_cancelled(now)
+    return Outcome(_puts(new), new)
+
+
+def interrupt(state: ThreadState, now: int) -> Outcome[Interrupt]:
+    old = state.epoch
+    superseded = [
+        d.mark_superseded(now, QUEUED_SUPERSEDED_BY_INTERRUPT)
+        for d in sorted(state.dispatches.values(), key=RunDispatch.sort_key)
+        if d.status == DispatchStatus.QUEUED and d.dispatch_epoch <= old
+    ]
+    claimed = state.claimed()
+    # the epoch goes first: a backend that must split a huge interrupt into several batches
+    # commits the bump in the first one, after which the rest can no longer start
+    change = Change([PutEpoch(old + 1), *(PutDispatch(d) for d in superseded)], atomic=True)
+    return Outcome(change, Interrupt(old + 1, claimed[0] if claimed else None, superseded))
+
+
+def reclaim_expired(state: ThreadState, dispatch_id: str, now: int) -> Outcome[RunDispatch | None]:
+    """Reclaim one expired lease; returns the requeued or dead-lettered record, or None."""
+    d = state.dispatches.get(dispatch_id)
+    if d is None or d.status != DispatchStatus.CLAIMED or d.lease_until is None or not d.lease_until < now:
+        return Outcome(_NOTHING, None)
+    if is_stale(d, state.epoch):
+        return Outcome(_puts(d.mark_superseded_at_epoch(now, state.epoch, CLAIMED_LEASE_EXPIRED_AFTER_INTERRUPT)), None)
+    new = d.mark_expired_lease(now)
+    return Outcome(_puts(new), new)
+
+
+def purge_terminal(state: ThreadState, older_than: int) -> Outcome[int]:
+    """Delete terminal dispatches with `updated_at < older_than`, finished runs that no
+    dispatch refers to any more, and the epoch of a thread left with nothing at all (its
+    epoch then restarts at 0, which is safe: no dispatch of an older epoch is left)."""
+    doomed = [
+        d.dispatch_id for d in state.dispatches.values() if d.is_terminal and d.updated_at < older_than
+    ]
+    left = {i: d for i, d in state.dispatches.items() if i not in set(doomed)}
+    referenced = {d.run_id for d in left.values()}
+    runs_doomed = [
+        r.run_id
+        for r in state.runs.values()
+        if r.is_done and r.run_id not in referenced and r.updated_at < older_than
+    ]
+    writes: list[Write] = [DeleteDispatch(i) for i in doomed]
+    writes += [DeleteRun(i) for i in runs_doomed]
+    # run ids that only bare dispatches used (no run record): free them with their last dispatch
+    writes += [
+        ForgetRun(i)
+        for i in sorted({state.dispatches[d].run_id for d in doomed})
+        if i not in referenced and i not in state.runs
+    ]
+    if not left and len(runs_doomed) == len(state.runs) and state.epoch and writes:
+        writes.append(DeleteEpoch())
+    return Outcome(Change(writes), len(doomed))
