@@ -167,7 +167,10 @@ class NatsDispatchStore(ThreadStore):
                 pass
             self._reply_sub = None
         if self._owns and not self.nc.is_closed:
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except Exception as exc:  # nats-py can fail to flush while reconnecting; we are leaving anyway
+                log.debug("event=close_error error=%r", exc)
 
     # ------------------------------------------------------------------ bucket
 

@@ -1,0 +1,231 @@
+"""What only the NATS store must prove: pods on separate connections, lost replies, history
+independence, big threads, server restarts, markers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats
+import nats.errors
+import pytest
+
+from service.model import DispatchStatus, RunDispatch, StoreError, StoreUnavailableError
+from service.store import NatsDispatchStore
+from service.store import keys
+
+from .conftest import unique_prefix
+
+LEASE = 30_000
+
+
+def q(dispatch_id: str, thread_id: str = "t1", created_at: int = 1000, **kw) -> RunDispatch:
+    return RunDispatch.queued(dispatch_id, thread_id, f"run-{dispatch_id}", created_at, **kw)
+
+
+async def raw_put(store: NatsDispatchStore, records: list[RunDispatch]) -> None:
+    """Write records straight into the bucket (fast bulk set-up, no store logic)."""
+    for d in records:
+        await store.nc.publish(f"$KV.{store.bucket}.{keys.dispatch_key(d.thread_id, d.dispatch_id)}", msgspec.json.encode(d))
+        await store.nc.publish(f"$KV.{store.bucket}.{keys.dispatch_alias_key(d.dispatch_id)}", d.thread_id.encode())
+    await store.nc.flush()
+
+
+@pytest.fixture
+async def pods(nats_url):
+    """Two stores on separate connections sharing one bucket: two pods."""
+    prefix = unique_prefix("pods")
+    a = await NatsDispatchStore.connect(nats_url, prefix=prefix)
+    b = await NatsDispatchStore.connect(nats_url, prefix=prefix)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_two_pods_racing_on_one_thread_never_both_hold_a_claim(pods):
+    a, b = pods
+    now = 1000
+    for round_ in range(25):
+        await a.enqueue(q(f"x{round_}", created_at=now))
+        await b.enqueue(q(f"y{round_}", created_at=now))
+        results = await asyncio.gather(
+            *(s.claim("t1", f"{name}{i}", LEASE, now, 1) for i in range(4) for name, s in (("a", a), ("b", b)))
+        )
+        winners = [d for r in results for d in r]
+        assert len(winners) == 1, winners
+        claimed = await b.list_dispatches("t1", [DispatchStatus.CLAIMED])
+        assert claimed == winners
+        # both pods race to claim the other dispatch by id: the thread is busy, nobody gets it
+        other = f"y{round_}" if winners[0].dispatch_id.startswith("x") else f"x{round_}"
+        got = await asyncio.gather(a.claim_dispatch(other, "a", LEASE, now), b.claim_dispatch(other, "b", LEASE, now))
+        assert got == [None, None]
+        await a.ack(winners[0].dispatch_id, winners[0].claim_token, now)
+        [second] = await b.claim("t1", "b", LEASE, now, 1)
+        await a.ack(second.dispatch_id, second.claim_token, now)
+        now += 10
+
+
+async def test_interrupt_racing_enqueues_across_pods(pods):
+    a, b = pods
+    await a.enqueue(q("first"))
+    await b.claim("t1", "b", LEASE, 1000, 1)
+    tasks = [a.enqueue(q(f"a{i}", created_at=1001 + i)) for i in range(8)]
+    tasks += [b.enqueue(q(f"b{i}", created_at=1001 + i)) for i in range(8)]
+    tasks += [b.interrupt("t1", 2000), a.interrupt("t1", 2000)]
+    await asyncio.gather(*tasks)
+    epoch = await a.current_dispatch_epoch("t1")
+    assert epoch == 2
+    queued = await b.list_dispatches("t1", [DispatchStatus.QUEUED])
+    assert all(d.dispatch_epoch == epoch for d in queued)
+    superseded = await b.list_dispatches("t1", [DispatchStatus.SUPERSEDED])
+    assert len(queued) + len(superseded) == 16
+
+
+class LostReplies:
+    """Wraps the store's transport: the server gets the request, the caller gets a timeout."""
+
+    def __init__(self, store: NatsDispatchStore, times: int = 1, deliver: bool = True) -> None:
+        self.store = store
+        self.left = times
+        self.deliver = deliver
+        self.real = store._request
+
+    async def __call__(self, subject: str, data: bytes, headers: dict[str, str]):
+        if self.left > 0:
+            self.left -= 1
+            if self.deliver:
+                await self.real(subject, data, headers)  # the server stores it...
+            raise nats.errors.TimeoutError  # ...and the reply is lost
+        return await self.real(subject, data, headers)
+
+
+async def test_a_lost_ack_reply_is_detected_by_rereading(nats_store):
+    s = nats_store
+    await s.enqueue(q("d1"))
+    [d] = await s.claim("t1", "w", LEASE, 1000, 1)
+    s._request = LostReplies(s)
+    before = s.stats.publishes
+    await s.ack("d1", d.claim_token, 2000)
+    acked = await s.load_dispatch("d1")
+    assert acked.status == DispatchStatus.ACKED and acked.completed_at == 2000
+    assert s.stats.lost_replies_recovered == 1
+    assert s.stats.publishes == before  # nothing re-sent, nothing compensated
+
+
+async def test_a_lost_claim_reply_still_returns_the_claim(nats_store):
+    s = nats_store
+    await s.enqueue(q("d1"))
+    s._request = LostReplies(s)
+    [d] = await s.claim("t1", "w", LEASE, 1000, 1)
+    assert (await s.load_dispatch("d1")) == d and d.status == DispatchStatus.CLAIMED
+    assert await s.claim("t1", "other", LEASE, 1000, 1) == []  # no second owner
+    assert s.stats.lost_replies_recovered == 1
+
+
+async def test_a_request_lost_before_the_server_is_retried(nats_store):
+    s = nats_store
+    await s.enqueue(q("d1"))
+    s._request = LostReplies(s, deliver=False)
+    [d] = await s.claim("t1", "w", LEASE, 1000, 1)
+    assert (await s.load_dispatch("d1")).claim_token == d.claim_token
+    assert s.stats.lost_replies_recovered == 0
+
+
+async def test_a_lost_interrupt_batch_reply_is_detected(nats_store):
+    s = nats_store
+    for i in range(3):
+        await s.enqueue(q(f"d{i}", created_at=1000 + i))
+    s._request = LostReplies(s)
+    result = await s.interrupt("t1", 2000)
+    assert result.new_dispatch_epoch == 1 and len(result.superseded) == 3
+    assert await s.current_dispatch_epoch("t1") == 1
+    assert await s.list_dispatches("t1", [DispatchStatus.QUEUED]) == []
+
+
+async def test_claim_reads_only_its_thread_whatever_the_history(nats_store):
+    s = nats_store
+    history = []
+    for i in range(10_000):
+        d = q(f"old{i}", thread_id=f"other{i % 500}")
+        history.append(msgspec.structs.replace(d, status=DispatchStatus.ACKED, completed_at=1000))
+    await raw_put(s, history)
+    await s.enqueue(q("mine", thread_id="hot"))
+    before = dict(vars(s.stats))
+    [d] = await s.claim("hot", "w", LEASE, 2000, 1)
+    after = vars(s.stats)
+    assert d.dispatch_id == "mine"
+    assert after["snapshots"] - before["snapshots"] == 1  # one round trip to read the thread
+    assert after["publishes"] - before["publishes"] == 1  # one guarded write
+    assert after["scanned_keys"] == before["scanned_keys"]  # no global scan
+    state = await s.read_thread("hot")
+    assert list(state.dispatches) == ["mine"]
+    assert await s.count_dispatches_by_status(DispatchStatus.ACKED) == 10_000  # the history is there
+
+
+async def test_a_thread_with_more_keys_than_one_batch_read_still_works(nats_store):
+    s = nats_store
+    await raw_put(s, [q(f"d{i:04d}", created_at=2000 + i) for i in range(1100)])
+    await s.enqueue(q("urgent", created_at=5000, priority=0))
+    [d] = await s.claim("t1", "w", LEASE, 10_000, 1)
+    assert d.dispatch_id == "urgent"
+    assert len(await s.list_dispatches("t1")) == 1101
+
+
+async def test_interrupt_of_more_than_one_batch_supersedes_everything(nats_store):
+    s = nats_store
+    await raw_put(s, [q(f"d{i:04d}", created_at=2000 + i) for i in range(1200)])
+    result = await s.interrupt("t1", 9000)
+    assert result.new_dispatch_epoch == 1 and len(result.superseded) == 1200
+    assert await s.count_dispatches_by_status(DispatchStatus.QUEUED) == 0
+    assert await s.count_dispatches_by_status(DispatchStatus.SUPERSEDED) == 1200
+
+
+async def test_data_survives_a_server_restart_and_the_store_reconnects(nats_server):
+    s = await NatsDispatchStore.connect(nats_server.url, prefix="restart", max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+    try:
+        await s.enqueue(q("d1"))
+        [d] = await s.claim("t1", "w", LEASE, 1000, 1)
+        nats_server.restart()
+        await s.ack("d1", d.claim_token, 2000)  # retried until the server is back
+        assert (await s.load_dispatch("d1")).status == DispatchStatus.ACKED
+    finally:
+        await s.close()
+
+
+async def test_an_unreachable_server_gives_store_unavailable(nats_server):
+    s = await NatsDispatchStore.connect(
+        nats_server.url, prefix="down", unavailable_after=1.0, request_timeout=0.5, max_reconnect_attempts=-1
+    )
+    try:
+        await s.enqueue(q("d1"))
+        nats_server.stop()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            await s.enqueue(q("d2"))
+        assert time.monotonic() - started < 10
+    finally:
+        await s.close()
+
+
+async def test_purge_leaves_markers_that_expire(nats_store):
+    s = nats_store
+    await s.enqueue(q("d1"))
+    await s.cancel("d1", 2000)
+    assert await s.purge_terminal(3000) == 1
+    msg = await s.nc.request(f"$JS.API.DIRECT.GET.{s.stream}.$KV.{s.bucket}.{keys.dispatch_key('t1', 'd1')}", b"")
+    assert msg.headers["KV-Operation"] == "PURGE"
+    assert msg.headers["Nats-TTL"] == "900"
+    assert await s.load_dispatch("d1") is None
+
+
+async def test_an_incompatible_existing_bucket_fails_loudly(nats_url):
+    prefix = unique_prefix("bad")
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=f"KV_{prefix}-state", subjects=[f"$KV.{prefix}-state.>"], max_msgs_per_subject=5)
+        with pytest.raises(StoreError, match="incompatible"):
+            await NatsDispatchStore.connect(nc, prefix=prefix)
+    finally:
+        await nc.close()
