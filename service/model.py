@@ -292,7 +292,7 @@ class RunDispatch(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     def mark_nack_result(self, now: int, retry_at: int, error: str) -> RunDispatch:
         _require(self, DispatchStatus.CLAIMED, "nack")
-        attempts = self.attempt_count + 1
+        attempts = min(self.attempt_count + 1, self.max_attempts)  # saturates: dead-letters, never invalid
         if attempts >= self.max_attempts:
             return _checked(
                 self,
@@ -317,7 +317,7 @@ class RunDispatch(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     def mark_expired_lease(self, now: int) -> RunDispatch:
         _require(self, DispatchStatus.CLAIMED, "lease expiry")
-        attempts = self.attempt_count + 1
+        attempts = min(self.attempt_count + 1, self.max_attempts)
         common = dict(attempt_count=attempts, available_at=now, updated_at=now, **_CLEAR_CLAIM, **_CLEAR_PROJECTION)
         if attempts >= self.max_attempts:
             return _checked(
@@ -375,7 +375,11 @@ def validate_id(value: object, field: str) -> str:
     """A usable id: a non-blank string of at most MAX_ID_BYTES UTF-8 bytes."""
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"{field} must not be empty", field=field)
-    if len(value.encode()) > MAX_ID_BYTES:
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValidationError(f"{field} must be valid UTF-8 text", field=field) from None
+    if size > MAX_ID_BYTES:
         raise ValidationError(f"{field} must be at most {MAX_ID_BYTES} bytes", field=field, id=value[:64])
     return value
 

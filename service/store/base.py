@@ -252,6 +252,19 @@ class ThreadStore(ABC):
             }
         )
 
+    async def list_queued(self, available_before: int | None = None) -> list[RunDispatch]:
+        """Queued dispatches on every thread (available at `available_before`, if given)."""
+        return [
+            d
+            for st in await self._scan_threads()
+            for d in st.dispatches.values()
+            if d.status == DispatchStatus.QUEUED and (available_before is None or d.available_at <= available_before)
+        ]
+
+    @abstractmethod
+    async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
+        """Take or keep the lease `name` for `holder` (one pod at a time runs maintenance)."""
+
     async def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
         """Requeue (or dead-letter) claimed dispatches whose `lease_until < now`; stale ones are
         superseded and not returned. Each candidate is re-decided on a fresh read, so

@@ -21,6 +21,7 @@ class MemoryDispatchStore(ThreadStore):
         self.max_record_bytes = max_record_bytes
         self._threads: dict[str, ThreadState] = {}
         self._aliases: dict[tuple[AliasKind, str], str] = {}
+        self._leaders: dict[str, tuple[str, int]] = {}
 
     async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
         state = self._threads.get(thread_id) or ThreadState(thread_id=thread_id)
@@ -51,6 +52,13 @@ class MemoryDispatchStore(ThreadStore):
 
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None:
         return self._aliases.get((kind, id))
+
+    async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
+        current = self._leaders.get(name)
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._leaders[name] = (holder, now + ttl_ms)
+        return True
 
     async def _scan_threads(self) -> list[ThreadState]:
         return [_copy(s) for s in self._threads.values()]

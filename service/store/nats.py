@@ -275,6 +275,22 @@ class NatsDispatchStore(ThreadStore):
         if len(self._alias_cache) > 100_000:
             self._alias_cache.popitem(last=False)
 
+    async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
+        """A leader key with a server-side TTL: it vanishes when its holder stops renewing."""
+        key = f"lead.{keys.H(name)}"
+        entry = await self._get_last(key)
+        if entry is not None and not entry.deleted and entry.data.decode() != holder:
+            return False
+        expected = entry.seq if entry is not None else 0
+        ttl_s = max(1, -(-ttl_ms // 1000))
+        try:
+            await self._publish(
+                key, holder.encode(), {"Nats-Expected-Last-Subject-Sequence": str(expected), "Nats-TTL": f"{ttl_s}s"}
+            )
+        except _Conflict:
+            return False
+        return True
+
     async def _scan_threads(self) -> list[ThreadState]:
         threads: dict[str, ThreadState] = {}
         for e in await self._scan(f"{self._kv}t.>"):

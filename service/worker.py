@@ -1,0 +1,711 @@
+"""The worker manager: what each pod runs (DESIGN.md §2.2, spec/worker-manager.md §2–§3).
+
+It pulls signal batches, claims per thread, runs the handler with a renewed lease, settles
+the run and the dispatch, and chains to the thread's next dispatch. One pod at a time (the
+maintenance leader) sweeps expired leases, republishes lost signals and collects garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats.errors
+
+from . import retry
+from .config import Settings
+from .events import Event, EventStream
+from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
+from .live import LiveCommand, LiveReply, decode_command, encode_reply
+from .model import (
+    DispatchStatus,
+    NotFoundError,
+    RunDispatch,
+    RunDispatchResult,
+    RunRecord,
+    RunStatus,
+    StoreError,
+    Termination,
+    TerminationKind,
+    VersionConflictError,
+)
+from .signals import Signal, Signals, blocked_delay_ms
+from .store import DispatchStore, keys
+
+log = logging.getLogger("mailbox.worker")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Attempt(enum.Enum):
+    """What `try_dispatch_next` did for a thread."""
+
+    CLAIMED = "claimed"
+    BUSY = "busy"  # this pod already runs the thread; its chaining takes the next one
+    AT_CAPACITY = "at_capacity"  # no free slot on this pod
+    NO_ELIGIBLE = "no_eligible"
+    TRANSIENT_ERROR = "transient_error"
+
+
+class CancelReason(enum.StrEnum):
+    CANCELLED = "cancelled"  # a user cancelled the run
+    SUPERSEDED = "superseded"  # an interrupt made the dispatch stale
+    LEASE_LOST = "lease_lost"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class Execution:
+    """A run executing on this pod."""
+
+    dispatch: RunDispatch
+    task: asyncio.Task[None] | None = None
+    context: RunContext | None = None
+    cancel_reason: CancelReason | None = None
+    lease_until: int = 0
+    renewal_now: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class WorkerManager:
+    """Per-pod execution engine. `await start()`, then `await stop()` (graceful drain)."""
+
+    def __init__(
+        self,
+        *,
+        store: DispatchStore,
+        handler: Handler,
+        settings: Settings,
+        signals: Signals | None = None,
+        events: EventStream | None = None,
+        nc: Any = None,
+        consumer_id: str | None = None,
+        clock: Callable[[], int] = wall_clock_ms,
+        metrics: Any = None,
+    ) -> None:
+        self.store = store
+        self.handler = handler
+        self.settings = settings
+        self.signals = signals
+        self.events = events
+        self.nc = nc
+        self.consumer_id = consumer_id or f"pod-{uuid.uuid4().hex[:12]}"
+        self.clock = clock
+        self.metrics = metrics
+        self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.signal_loop_running = False
+        self.signal_stats = {"pulled": 0, "ack": 0, "nak": 0, "nak_delayed": 0, "redelivered": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, *, recover: bool = True) -> None:
+        if recover:
+            await self.recover()
+        if self.signals is not None:
+            self._loops.append(asyncio.create_task(self._signal_loop(), name="signal-loop"))
+        self._loops.append(asyncio.create_task(self._maintenance_loop(), name="maintenance"))
+
+    async def stop(self, drain_timeout_ms: int | None = None) -> None:
+        """Stop pulling, let in-flight runs finish up to the drain timeout, then cancel them
+        (their leases lapse and another pod takes them over)."""
+        self._stopping = True
+        timeout = (self.settings.drain_timeout_ms if drain_timeout_ms is None else drain_timeout_ms) / 1000
+        signal_loop = [t for t in self._loops if t.get_name() == "signal-loop"]
+        if signal_loop:  # let the current fetch end by itself: cancelling it strands messages
+            await asyncio.wait(signal_loop, timeout=self.settings.fetch_expires_ms / 1000 + timeout)
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        running = [e.task for e in self._executions() if e.task is not None]
+        if running:
+            done, pending = await asyncio.wait(running, timeout=timeout)
+            for e in self._executions():
+                if e.task in pending:
+                    self._cancel(e, CancelReason.SHUTDOWN)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        log.info("event=worker_stopped consumer=%s", self.consumer_id)
+
+    def _executions(self) -> list[Execution]:
+        return [e for e in self._busy.values() if e is not None]
+
+    @property
+    def running(self) -> int:
+        return sum(1 for e in self._busy.values() if e is not None)
+
+    # ------------------------------------------------------------------ claiming
+
+    async def try_dispatch_next(self, thread_id: str) -> Attempt:
+        """Claim the thread's next eligible dispatch and start executing it here."""
+        if thread_id in self._busy:
+            return Attempt.BUSY
+        if self._stopping or len(self._busy) >= self.settings.concurrency:
+            return Attempt.AT_CAPACITY
+        self._busy[thread_id] = None  # claiming: closes the race of two callers seeing "idle"
+        try:
+            claimed = await self.store.claim(thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1)
+        except StoreError as exc:
+            self._busy.pop(thread_id, None)
+            log.warning("event=claim_failed thread=%s error=%s", thread_id, exc)
+            return Attempt.TRANSIENT_ERROR
+        if not claimed:
+            self._busy.pop(thread_id, None)
+            return Attempt.NO_ELIGIBLE
+        self._launch(claimed[0])
+        return Attempt.CLAIMED
+
+    def adopt(self, dispatch: RunDispatch) -> bool:
+        """Execute a dispatch this pod claimed by id (the inline submit path)."""
+        if dispatch.thread_id in self._busy:
+            return False
+        self._busy[dispatch.thread_id] = None
+        self._launch(dispatch)
+        return True
+
+    def _launch(self, dispatch: RunDispatch) -> None:
+        execution = Execution(dispatch=dispatch, lease_until=dispatch.lease_until or 0)
+        self._busy[dispatch.thread_id] = execution
+        execution.task = asyncio.create_task(self._execute(execution), name=f"run-{dispatch.dispatch_id}")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _finish(self, execution: Execution) -> None:
+        thread_id = execution.dispatch.thread_id
+        if self._busy.get(thread_id) is execution:
+            del self._busy[thread_id]
+        if not self._stopping:  # finish, then claim the thread's next dispatch
+            self._spawn(self._chain(thread_id))
+
+    async def _chain(self, thread_id: str) -> None:
+        attempt = await self.try_dispatch_next(thread_id)
+        if attempt is Attempt.AT_CAPACITY and self.signals is not None:
+            # leave the thread's next run to whichever pod has room: wake it with a signal
+            queued = await self.store.list_dispatches(thread_id, [DispatchStatus.QUEUED], 1)
+            for d in queued:
+                await self._signal(d)
+
+    # ------------------------------------------------------------------ signal loop
+
+    async def _signal_loop(self) -> None:
+        assert self.signals is not None
+        self.signal_loop_running = True
+        try:
+            while not self._stopping:
+                free = self.settings.concurrency - len(self._busy)
+                if free <= 0:
+                    await asyncio.sleep(0.005)
+                    continue
+                try:
+                    batch = await self.signals.fetch(min(self.settings.signal_batch, free), self.settings.fetch_expires_ms)
+                except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                    log.warning("event=signal_pull_failed error=%r", exc)
+                    await asyncio.sleep(0.25)
+                    continue
+                if not batch:
+                    continue
+                self.signal_stats["pulled"] += len(batch)
+                await asyncio.gather(*(self._handle_signal(s) for s in batch))
+        finally:
+            self.signal_loop_running = False
+
+    async def _handle_signal(self, signal: Signal) -> None:
+        """Settle one signal by the table of DESIGN.md §2.2. Never raises."""
+        receipt = signal.receipt
+        try:
+            if receipt.deliveries > 1:
+                self.signal_stats["redelivered"] += 1
+            attempt = await self.try_dispatch_next(signal.thread_id)
+            if attempt in (Attempt.CLAIMED, Attempt.BUSY):
+                await self._settle(receipt.ack())
+            elif attempt is Attempt.TRANSIENT_ERROR:
+                await self._settle(receipt.nak(), delayed=None)
+            elif attempt is Attempt.AT_CAPACITY:
+                await self._settle(receipt.nak(self.settings.nak_base_ms), delayed=True)
+            else:
+                await self._settle_unclaimed(signal)
+        except Exception as exc:  # a signal must never be stranded
+            log.exception("event=signal_handler_failed thread=%s dispatch=%s", signal.thread_id, signal.dispatch_id)
+            try:
+                await receipt.nak()
+            except Exception:
+                log.warning("event=signal_nak_failed error=%r", exc)
+
+    async def _settle_unclaimed(self, signal: Signal) -> None:
+        receipt = signal.receipt
+        try:
+            d = await self.store.load_dispatch(signal.dispatch_id)
+        except StoreError:
+            await self._settle(receipt.nak(), delayed=None)
+            return
+        now = self.clock()
+        if d is None or d.status != DispatchStatus.QUEUED:
+            await self._settle(receipt.ack())  # gone, terminal, or claimed (its owner chains)
+        elif d.available_at > now:
+            await self._settle(receipt.nak(d.available_at - now), delayed=True)  # wake at available_at
+        else:
+            delay = blocked_delay_ms(receipt.deliveries, self.settings.nak_base_ms, self.settings.nak_cap_ms)
+            await self._settle(receipt.nak(delay), delayed=True)
+
+    async def _settle(self, call: Any, delayed: bool | None = False) -> None:
+        await call
+        if delayed is False:
+            self.signal_stats["ack"] += 1
+        else:
+            self.signal_stats["nak"] += 1
+            if delayed:
+                self.signal_stats["nak_delayed"] += 1
+
+    async def _signal(self, d: RunDispatch, msg_id: str | None = None) -> None:
+        if self.signals is None:
+            return
+        try:
+            await self.signals.publish(d.thread_id, d.dispatch_id, msg_id=msg_id)
+        except Exception as exc:  # the sweeper republishes
+            log.warning("event=signal_publish_failed dispatch=%s error=%r", d.dispatch_id, exc)
+
+    # ------------------------------------------------------------------ execution
+
+    async def _execute(self, execution: Execution) -> None:
+        d = execution.dispatch
+        token = d.claim_token or ""
+        renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
+        live = None
+        try:
+            instance = uuid.uuid4().hex
+            try:
+                # one round trip re-checks ownership and the epoch before anything runs
+                await self.store.record_dispatch_start(d.dispatch_id, token, instance, self.clock())
+            except (VersionConflictError, NotFoundError):
+                await self._after_lost_start(d)
+                return
+            except StoreError as exc:
+                log.warning("event=start_failed dispatch=%s error=%s", d.dispatch_id, exc)
+                return  # the lease lapses and the sweep reclaims it
+            run = await self.store.load_run(d.run_id)
+            if run is None:
+                await self._dead_letter(d, token, f"run '{d.run_id}' not found for dispatch '{d.dispatch_id}'", None)
+                return
+            if run.is_done:  # a re-delivery of a run that already finished: nothing to do
+                await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
+                return
+            run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, self.clock()))
+            await self._event("started" if not run.decisions else "resumed", d, {"pod": self.consumer_id})
+            context = RunContext(
+                thread_id=d.thread_id,
+                run_id=d.run_id,
+                dispatch_id=d.dispatch_id,
+                attempt=d.attempt_count + 1,
+                input=run.input,
+                metadata=dict(run.metadata),
+                decisions=run.decisions,
+                hooks=_Hooks(self, execution),
+                decision_wait_ms=self.settings.decision_wait_ms,
+                nats=self.nc,
+            )
+            execution.context = context
+            live = await self._open_live(execution)
+            outcome = await self._run_handler(execution, context)
+            await self._settle_run(execution, instance, outcome)
+        except Exception:
+            log.exception("event=execution_failed dispatch=%s", d.dispatch_id)
+        finally:
+            renewal.cancel()
+            if live is not None:
+                try:
+                    await live.unsubscribe()
+                except Exception:
+                    pass
+            self._finish(execution)
+
+    async def _run_handler(self, execution: Execution, context: RunContext) -> _Outcome:
+        task = asyncio.create_task(self.handler(context))
+        inner = execution.task
+        try:
+            output = await asyncio.shield(task)
+            return _Outcome("ok", output)
+        except asyncio.CancelledError:
+            if not task.done():  # we were cancelled: take the handler down with us
+                context.cancelled.set()
+                task.cancel()
+                try:
+                    await task
+                except BaseException:
+                    pass
+            if execution.cancel_reason is None and inner is not None and inner.cancelling():
+                raise
+            return _Outcome("cancelled", execution.cancel_reason)
+        except Suspended as s:
+            return _Outcome("waiting", s)
+        except PermanentError as exc:
+            return _Outcome("permanent", str(exc) or type(exc).__name__)
+        except TransientError as exc:
+            return _Outcome("transient", str(exc) or type(exc).__name__)
+        except Exception as exc:  # unknown failures are retried
+            return _Outcome("transient", f"{type(exc).__name__}: {exc}")
+
+    async def _settle_run(self, execution: Execution, instance: str, outcome: _Outcome) -> None:
+        d = execution.dispatch
+        token = d.claim_token or ""
+        now = self.clock()
+        if outcome.kind == "ok":
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value))
+            await self._complete_dispatch(d, token, instance, RunStatus.DONE, outcome.value)
+            await self._event("finished", d, {"status": "done", "output": outcome.value})
+        elif outcome.kind == "waiting":
+            s: Suspended = outcome.value
+            await self._update_run(d, lambda r: _waiting(r, s.ticket, s.prompt, now))
+            await self._complete_dispatch(d, token, instance, RunStatus.WAITING, None)
+        elif outcome.kind == "permanent":
+            await self._dead_letter(d, token, outcome.value, instance)
+        elif outcome.kind == "transient":
+            await self._retry(d, token, outcome.value)
+        else:
+            await self._after_cancel(execution, instance, outcome.value)
+
+    async def _retry(self, d: RunDispatch, token: str, error: str) -> None:
+        now = self.clock()
+        if d.attempt_count + 1 >= d.max_attempts:  # this nack dead-letters
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error))
+            await self._call(self.store.nack(d.dispatch_id, token, now, error, now), d)
+            await self._event("dead_lettered", d, {"error": error, "attempts": d.attempt_count + 1})
+            return
+        retry_at = now + retry.retry_delay_ms(d.attempt_count, self.settings.retry_base_ms, self.settings.retry_cap_ms)
+        await self._update_run(d, lambda r: msgspec.structs.replace(r, status=RunStatus.CREATED, error=error, updated_at=now))
+        if await self._call(self.store.nack(d.dispatch_id, token, retry_at, error, now), d):
+            await self._event("rescheduled", d, {"reason": "retry_backoff", "retry_at": retry_at, "error": error})
+            await self._signal(d)
+
+    async def _dead_letter(self, d: RunDispatch, token: str, error: str, instance: str | None) -> None:
+        now = self.clock()
+        await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error), missing_ok=True)
+        if await self._call(self.store.dead_letter(d.dispatch_id, token, error, now), d):
+            await self._event("dead_lettered", d, {"error": error, "attempts": d.attempt_count + 1})
+
+    async def _after_cancel(self, execution: Execution, instance: str, reason: CancelReason | None) -> None:
+        d = execution.dispatch
+        token = d.claim_token or ""
+        now = self.clock()
+        if reason is CancelReason.CANCELLED:
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True))
+            await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
+            await self._event("cancelled", d, {"reason": "cancelled"})
+        elif reason is CancelReason.SUPERSEDED:
+            await self._call(self.store.supersede_claimed(d.dispatch_id, token, now, "run interrupted"), d)
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True, error="superseded"))
+            await self._event("superseded", d, {"reason": "interrupt"})
+        elif reason is CancelReason.LEASE_LOST:
+            await self._after_lost_start(d)
+        # SHUTDOWN: leave the claim; its lease lapses and another pod takes the run over
+
+    async def _after_lost_start(self, d: RunDispatch) -> None:
+        """Our claim is gone. If an interrupt superseded it, the run ends as superseded."""
+        try:
+            now_d = await self.store.load_dispatch(d.dispatch_id)
+        except StoreError:
+            return
+        if now_d is not None and now_d.status == DispatchStatus.SUPERSEDED:
+            now = self.clock()
+            changed = await self._update_run(
+                d, lambda r: None if r.is_done else _finished(r, RunStatus.DONE, now, cancelled=True, error="superseded")
+            )
+            if changed:
+                await self._event("superseded", d, {"reason": "interrupt"})
+
+    async def _complete_dispatch(
+        self, d: RunDispatch, token: str, instance: str, status: RunStatus, output: Any
+    ) -> None:
+        now = self.clock()
+        result = RunDispatchResult(run_id=d.run_id, dispatch_instance_id=instance, status=status)
+        if await self._call(self.store.record_run_result(d.dispatch_id, token, result, now), d):
+            await self._call(self.store.ack(d.dispatch_id, token, now), d)
+
+    async def _update_run(
+        self, d: RunDispatch, change: Callable[[RunRecord], RunRecord | None], missing_ok: bool = False
+    ) -> bool:
+        try:
+            before = await self.store.load_run(d.run_id)
+            after = await self.store.update_run(d.run_id, change)
+            return after != before
+        except NotFoundError:
+            if not missing_ok:
+                log.warning("event=run_missing run=%s dispatch=%s", d.run_id, d.dispatch_id)
+            return False
+        except StoreError as exc:
+            log.warning("event=run_update_failed run=%s error=%s", d.run_id, exc)
+            return False
+
+    async def _call(self, coro: Any, d: RunDispatch) -> bool:
+        """A store call on our claim; False (logged) if the claim is gone or the store failed."""
+        try:
+            await coro
+            return True
+        except VersionConflictError as exc:
+            log.info("event=claim_lost dispatch=%s reason=%s", d.dispatch_id, exc)
+        except StoreError as exc:
+            log.warning("event=store_call_failed dispatch=%s error=%s", d.dispatch_id, exc)
+        return False
+
+    # ------------------------------------------------------------------ leases and live commands
+
+    async def _renew_lease(self, execution: Execution) -> None:
+        d = execution.dispatch
+        interval = self.settings.lease_renewal_ms / 1000
+        while True:
+            try:
+                await asyncio.wait_for(execution.renewal_now.wait(), interval)
+            except TimeoutError:
+                pass
+            execution.renewal_now.clear()
+            suspended = execution.context is not None and execution.context.suspended
+            lease_ms = self.settings.suspended_lease_ms if suspended else self.settings.lease_ms
+            now = self.clock()
+            try:
+                ok = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", lease_ms, now)
+            except StoreError as exc:
+                log.warning("event=lease_renewal_failed dispatch=%s error=%s", d.dispatch_id, exc)
+                if now >= execution.lease_until:
+                    self._cancel(execution, CancelReason.LEASE_LOST)
+                    return
+                continue
+            if not ok:
+                log.info("event=lease_lost dispatch=%s", d.dispatch_id)
+                self._cancel(execution, CancelReason.LEASE_LOST)
+                return
+            execution.lease_until = now + lease_ms
+
+    def _cancel(self, execution: Execution, reason: CancelReason) -> bool:
+        if execution.task is None or execution.task.done() or execution.cancel_reason is not None:
+            return False
+        execution.cancel_reason = reason
+        if execution.context is not None:
+            execution.context.cancelled.set()
+        execution.task.cancel()
+        return True
+
+    async def _open_live(self, execution: Execution) -> Any:
+        if self.nc is None:
+            return None
+        prefix = getattr(self.store, "prefix", self.settings.prefix)
+        subject = keys.live_thread_subject(prefix, execution.dispatch.thread_id)
+
+        async def on_command(msg: Any) -> None:
+            reply = self.deliver_live(execution, decode_command(msg.data))
+            if msg.reply:
+                await self.nc.publish(msg.reply, encode_reply(reply))
+
+        return await self.nc.subscribe(subject, cb=on_command)
+
+    def deliver_live(self, execution: Execution, command: LiveCommand | None) -> LiveReply:
+        """Hand a live command to a run executing here."""
+        d = execution.dispatch
+        if command is None:
+            return LiveReply(delivered=False, reason="malformed command")
+        if command.run_id and command.run_id != d.run_id:
+            return LiveReply(delivered=False, reason=f"run '{d.run_id}' is active, not '{command.run_id}'")
+        if command.command == "cancel":
+            reason = CancelReason.SUPERSEDED if command.reason == "interrupt" else CancelReason.CANCELLED
+            return LiveReply(delivered=self._cancel(execution, reason), run_id=d.run_id)
+        ctx = execution.context
+        if ctx is None:
+            return LiveReply(delivered=False, reason="run not started yet", run_id=d.run_id)
+        if command.command == "decision":
+            ok = ctx.deliver_decision(command.ticket or "", command.data)
+            return LiveReply(delivered=ok, run_id=d.run_id, reason=None if ok else "not waiting on this ticket")
+        if command.command == "input":
+            ctx.deliver_input(command.data)
+            return LiveReply(delivered=True, run_id=d.run_id)
+        return LiveReply(delivered=False, reason=f"unknown command {command.command!r}")
+
+    def local_execution(self, thread_id: str) -> Execution | None:
+        return self._busy.get(thread_id)
+
+    # ------------------------------------------------------------------ events
+
+    async def _event(self, kind: str, d: RunDispatch, data: Any = None) -> None:
+        if self.events is None:
+            return
+        event = Event(
+            kind=kind,
+            run_id=d.run_id,
+            dispatch_id=d.dispatch_id,
+            thread_id=d.thread_id,
+            attempt=d.attempt_count + 1,
+            ts_ms=self.clock(),
+            data=data,
+        )
+        try:
+            await self.events.publish(event)
+        except Exception as exc:  # events never block the queue
+            log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def _maintenance_loop(self) -> None:
+        sweep_every = self.settings.sweep_interval_ms / 1000
+        gc_every = self.settings.gc_interval_ms / 1000
+        next_sweep = time.monotonic() + sweep_every
+        next_gc = time.monotonic() + gc_every
+        while not self._stopping:
+            await asyncio.sleep(max(0.0, min(next_sweep, next_gc) - time.monotonic()))
+            now_mono = time.monotonic()
+            try:
+                leader = await self.store.try_lead("maintenance", self.consumer_id, int(2.5 * min(sweep_every, gc_every) * 1000), self.clock())
+            except StoreError as exc:
+                log.warning("event=leader_check_failed error=%s", exc)
+                leader = False
+            try:
+                if now_mono >= next_sweep:
+                    next_sweep = now_mono + sweep_every
+                    if leader:
+                        await self.sweep()
+                if now_mono >= next_gc:
+                    next_gc = now_mono + gc_every
+                    if leader:
+                        await self.gc()
+            except StoreError as exc:
+                log.warning("event=maintenance_failed error=%s", exc)
+
+    async def sweep(self) -> None:
+        """Reclaim expired leases and republish signals for queued work nobody is waking."""
+        now = self.clock()
+        for d in await self.store.reclaim_expired_leases(now, 100):
+            if d.status == DispatchStatus.QUEUED:
+                await self._event("rescheduled", d, {"reason": "expired_lease_reclaimed"})
+                await self._signal(d)
+            else:
+                await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=d.last_error))
+                await self._event("dead_lettered", d, {"error": d.last_error, "attempts": d.attempt_count})
+        bucket = now // self.settings.republish_after_ms
+        for d in await self.store.list_queued(available_before=now):
+            await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
+
+    async def gc(self) -> int:
+        """Purge terminal dispatches older than the TTL; re-enqueue runs that lost their dispatch."""
+        now = self.clock()
+        purged = await self.store.purge_terminal(now - self.settings.gc_ttl_ms)
+        await self.recover_lost_dispatches(now, grace_ms=self.settings.sweep_interval_ms)
+        return purged
+
+    async def recover(self) -> None:
+        """Startup: reclaim expired leases, re-enqueue runs that lost their dispatch, and wake
+        every queued dispatch (one pending signal per dispatch, so this is cheap to repeat)."""
+        now = self.clock()
+        await self.sweep()
+        await self.recover_lost_dispatches(now, grace_ms=0)
+        for d in await self.store.list_queued():
+            await self._signal(d)
+        if self.signals is None:
+            for thread_id in await self.store.queued_thread_ids():
+                await self.try_dispatch_next(thread_id)
+
+    async def recover_lost_dispatches(self, now: int, grace_ms: int) -> int:
+        """Runs written without their dispatch (a crash between the two writes): enqueue it."""
+        count = 0
+        for run in await self.store.scan_runs([RunStatus.CREATED, RunStatus.WAITING]):
+            if run.dispatch_id is None or run.updated_at > now - grace_ms:
+                continue
+            if run.status == RunStatus.WAITING and not (run.waiting and run.waiting.ticket in run.decisions):
+                continue  # still waiting for its decision: nothing to run
+            if await self.store.load_dispatch(run.dispatch_id) is not None:
+                continue
+            d = RunDispatch.queued(
+                run.dispatch_id, run.thread_id, run.run_id, now, priority=run.priority, max_attempts=run.max_attempts
+            )
+            try:
+                await self.store.enqueue(d)
+            except StoreError as exc:
+                log.info("event=recover_enqueue_skipped run=%s error=%s", run.run_id, exc)
+                continue
+            count += 1
+            await self._event("queued", d, {"recovered": True})
+            await self._signal(d)
+        return count
+
+
+@dataclass
+class _Outcome:
+    kind: str  # ok | waiting | permanent | transient | cancelled
+    value: Any = None
+
+
+class _Hooks:
+    """RunContext → worker: events, suspension (switch to the suspended lease at once)."""
+
+    def __init__(self, manager: WorkerManager, execution: Execution) -> None:
+        self.manager = manager
+        self.execution = execution
+
+    async def emit(self, kind: str, data: Any) -> None:
+        await self.manager._event(kind, self.execution.dispatch, data)
+
+    async def suspended(self, ticket: str, prompt: Any) -> None:
+        m, d = self.manager, self.execution.dispatch
+        now = m.clock()
+        await m._update_run(d, lambda r: _waiting(r, ticket, prompt, now))
+        self.execution.renewal_now.set()  # the suspended lease applies from now on
+        await m._event("suspended", d, {"ticket": ticket, "prompt": prompt})
+
+    async def resumed(self, ticket: str) -> None:
+        m, d = self.manager, self.execution.dispatch
+        now = m.clock()
+        await m._update_run(
+            d, lambda r: msgspec.structs.replace(r, status=RunStatus.RUNNING, waiting=None, updated_at=now)
+        )
+        self.execution.renewal_now.set()
+        await m._event("resumed", d, {"ticket": ticket})
+
+
+# ---------------------------------------------------------------------- run record changes (pure)
+
+
+def _started(r: RunRecord, dispatch_id: str, now: int) -> RunRecord:
+    return msgspec.structs.replace(
+        r, status=RunStatus.RUNNING, dispatch_id=dispatch_id, attempts=r.attempts + 1, waiting=None, updated_at=now
+    )
+
+
+def _waiting(r: RunRecord, ticket: str, prompt: Any, now: int) -> RunRecord:
+    from .model import WaitingTicket
+
+    return msgspec.structs.replace(
+        r, status=RunStatus.WAITING, waiting=WaitingTicket(ticket=ticket, prompt=prompt, since=now), updated_at=now
+    )
+
+
+def _finished(
+    r: RunRecord, status: RunStatus, now: int, *, output: Any = None, error: str | None = None, cancelled: bool = False
+) -> RunRecord | None:
+    if r.is_done:
+        return None
+    if cancelled:
+        termination = Termination(TerminationKind.CANCELLED, error)
+    elif error is not None:
+        termination = Termination(TerminationKind.ERROR, error)
+    else:
+        termination = Termination(TerminationKind.NATURAL_END)
+    return msgspec.structs.replace(
+        r,
+        status=status,
+        output=output,
+        error=error,
+        termination=termination,
+        waiting=None,
+        updated_at=now,
+        finished_at=now,
+    )
