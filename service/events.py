@@ -7,6 +7,7 @@ nothing lost, nothing repeated.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -14,7 +15,10 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
+from .model import RunDispatch
 from .store import keys
+
+log = logging.getLogger("mailbox.events")
 
 LIFECYCLE = (
     "queued",
@@ -78,3 +82,20 @@ class EventStream:
         subject = keys.events_subject(self.prefix, event.thread_id, event.run_id)
         ack = await self.js.publish(subject, _encode(event), headers=headers)
         return ack.seq
+
+    async def emit(self, kind: str, d: RunDispatch, data: Any, ts_ms: int) -> None:
+        """Best effort: an event about dispatch `d`; a failure is logged, never raised
+        (events must not block the queue)."""
+        event = Event(
+            kind=kind,
+            run_id=d.run_id,
+            dispatch_id=d.dispatch_id,
+            thread_id=d.thread_id,
+            attempt=d.attempt_count + 1,
+            ts_ms=ts_ms,
+            data=data,
+        )
+        try:
+            await self.publish(event)
+        except Exception as exc:
+            log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)

@@ -21,7 +21,7 @@ import nats.errors
 
 from . import retry
 from .config import Settings
-from .events import Event, EventStream
+from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .model import (
@@ -538,21 +538,8 @@ class WorkerManager:
     # ------------------------------------------------------------------ events
 
     async def _event(self, kind: str, d: RunDispatch, data: Any = None) -> None:
-        if self.events is None:
-            return
-        event = Event(
-            kind=kind,
-            run_id=d.run_id,
-            dispatch_id=d.dispatch_id,
-            thread_id=d.thread_id,
-            attempt=d.attempt_count + 1,
-            ts_ms=self.clock(),
-            data=data,
-        )
-        try:
-            await self.events.publish(event)
-        except Exception as exc:  # events never block the queue
-            log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)
+        if self.events is not None:
+            await self.events.emit(kind, d, data, self.clock())
 
     # ------------------------------------------------------------------ maintenance
 

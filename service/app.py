@@ -1,0 +1,137 @@
+"""One pod, assembled: NATS connection, store, signals, events, worker manager, control plane.
+
+`mailbox serve` builds a `Pod` from Settings; tests build several on separate connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from .config import Settings
+from .events import EventStream
+from .handlers import Handler, load_handler
+from .mailbox import Mailbox
+from .signals import Signals
+from .store import NatsDispatchStore
+from .worker import WorkerManager, wall_clock_ms
+
+log = logging.getLogger("mailbox.app")
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """nats.connect keyword arguments for the configured credentials and TLS."""
+    options: dict[str, Any] = {
+        "name": f"mailbox-{settings.prefix}",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+    }
+    if settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password or ""
+    if settings.nats_token:
+        options["token"] = settings.nats_token
+    if settings.nats_tls_ca or settings.nats_tls_cert:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=settings.nats_tls_ca)
+        if settings.nats_tls_cert and settings.nats_tls_key:
+            ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+        options["tls"] = ctx
+    return options
+
+
+@dataclass
+class Pod:
+    nc: NATS
+    store: NatsDispatchStore
+    signals: Signals
+    events: EventStream
+    worker: WorkerManager
+    mailbox: Mailbox
+    settings: Settings
+
+    async def stop(self, drain_timeout_ms: int | None = None) -> None:
+        """Graceful: drain the worker, then close everything."""
+        await self.worker.stop(drain_timeout_ms)
+        await self.signals.close()
+        await self.store.close()
+        try:
+            await self.nc.drain()
+        except Exception:  # already closed or reconnecting: nothing left to flush
+            pass
+
+    async def kill(self) -> None:
+        """Abrupt: drop the connection without settling anything (a crashed pod, as far
+        as NATS can tell); in-flight tasks are cancelled."""
+        self.worker._stopping = True
+        for t in list(self.worker._loops):
+            t.cancel()
+        for e in self.worker._executions():
+            if e.task is not None:
+                e.task.cancel()
+        try:
+            await self.nc.close()
+        except Exception:
+            pass
+
+
+async def start_pod(
+    settings: Settings,
+    *,
+    url: str | None = None,
+    handler: Handler | str | None = None,
+    consumer_id: str | None = None,
+    clock: Callable[[], int] = wall_clock_ms,
+    start_worker: bool = True,
+    recover: bool = True,
+) -> Pod:
+    """Connect and start one pod."""
+    nc = await nats.connect(url or settings.nats_url or "nats://127.0.0.1:4222", **connect_options(settings))
+    try:
+        store = await NatsDispatchStore.connect(nc, prefix=settings.prefix, replicas=settings.replicas)
+        signals = Signals(nc, settings.prefix)
+        await signals.ensure(
+            replicas=settings.replicas,
+            ack_wait_ms=settings.ack_wait_ms,
+            max_ack_pending=settings.max_ack_pending,
+            max_deliver=settings.max_deliver,
+        )
+        events = EventStream(nc, settings.prefix)
+        await events.ensure(replicas=settings.replicas, max_age_ms=settings.events_max_age_ms)
+        resolved = load_handler(handler if isinstance(handler, str) else settings.handler) if not callable(handler) else handler
+        worker = WorkerManager(
+            store=store,
+            handler=resolved,
+            settings=settings,
+            signals=signals,
+            events=events,
+            nc=nc,
+            consumer_id=consumer_id,
+            clock=clock,
+        )
+        mailbox = Mailbox(
+            store=store,
+            prefix=settings.prefix,
+            signals=signals,
+            events=events,
+            nc=nc,
+            worker=worker if start_worker else None,
+            max_payload=settings.max_payload,
+            default_max_attempts=settings.max_attempts,
+            clock=clock,
+        )
+        if start_worker:
+            await worker.start(recover=recover)
+    except BaseException:
+        await nc.close()
+        raise
+    return Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox, settings=settings)
