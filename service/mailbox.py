@@ -18,6 +18,7 @@ import msgspec
 from . import live
 from .events import EventStream
 from .model import (
+    RUN_SUPERSEDED,
     DispatchStatus,
     NotFoundError,
     RunDispatch,
@@ -251,7 +252,7 @@ class Mailbox:
         validate_id(thread_id, "thread_id")
         result = await self.store.interrupt(thread_id, self.clock())
         for d in result.superseded:
-            await self._mark_run_cancelled(d, "superseded", "superseded by interrupt")
+            await self._mark_run_cancelled(d, "superseded", RUN_SUPERSEDED)
         active = result.active_dispatch
         delivered = False
         if active is not None:

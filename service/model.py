@@ -30,6 +30,8 @@ CLAIMED_SUPERSEDED_BEFORE_DEAD_LETTER = "claimed dispatch superseded before dead
 CLAIMED_SUPERSEDED_DURING_LEASE_RENEWAL = "claimed dispatch superseded during lease renewal"
 CLAIMED_LEASE_EXPIRED_AFTER_INTERRUPT = "claimed dispatch lease expired after interrupt"
 LEASE_EXPIRED_MAX_ATTEMPTS = "lease expired; max attempts reached"
+RUN_SUPERSEDED = "superseded by interrupt"
+"""The error of a run that an interrupt (a newer submit) superseded."""
 
 
 # --------------------------------------------------------------------------- errors

@@ -25,6 +25,7 @@ from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .model import (
+    RUN_SUPERSEDED,
     DispatchStatus,
     NotFoundError,
     RunDispatch,
@@ -407,7 +408,7 @@ class WorkerManager:
             await self._event("cancelled", d, {"reason": "cancelled"})
         elif reason is CancelReason.SUPERSEDED:
             await self._call(self.store.supersede_claimed(d.dispatch_id, token, now, "run interrupted"), d)
-            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True, error="superseded"))
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True, error=RUN_SUPERSEDED))
             await self._event("superseded", d, {"reason": "interrupt"})
         elif reason is CancelReason.LEASE_LOST:
             await self._after_lost_start(d)
@@ -422,7 +423,7 @@ class WorkerManager:
         if now_d is not None and now_d.status == DispatchStatus.SUPERSEDED:
             now = self.clock()
             changed = await self._update_run(
-                d, lambda r: None if r.is_done else _finished(r, RunStatus.DONE, now, cancelled=True, error="superseded")
+                d, lambda r: None if r.is_done else _finished(r, RunStatus.DONE, now, cancelled=True, error=RUN_SUPERSEDED)
             )
             if changed:
                 await self._event("superseded", d, {"reason": "interrupt"})

@@ -1,0 +1,453 @@
+"""The worker manager against real nats-server: settle table, serialization across pods,
+failures, interrupts, human decisions, recovery, sweep and GC."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from service.app import start_pod
+from service.handlers import PermanentError, RunContext, TransientError, approval
+from service.model import RUN_SUPERSEDED, DispatchStatus, RunDispatch, RunRecord, RunStatus, TerminationKind
+from service.protocol import SubmitRequest
+
+from .conftest import unique_prefix
+from .pods import Recorder, fast_settings, stop_all, submit, wait_for, wait_runs
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix("w")
+
+
+def record_signals(pod) -> list[tuple[float, str, int]]:
+    """Wrap the pod's signal handler to log (time, dispatch_id, delivery count)."""
+    seen: list[tuple[float, str, int]] = []
+    real = pod.worker._handle_signal
+
+    async def spy(signal):
+        seen.append((time.monotonic(), signal.dispatch_id, signal.receipt.deliveries))
+        await real(signal)
+
+    pod.worker._handle_signal = spy
+    return seen
+
+
+# ---------------------------------------------------------------------- settle table
+
+
+async def test_a_blocked_signal_waits_its_nak_delay_which_grows_and_caps(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix, nak_base_ms=300, nak_cap_ms=700), url=nats_url, handler="echo")
+    try:
+        seen = record_signals(pod)
+        now = pod.worker.clock()
+        # another pod holds the thread for a long time
+        await pod.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now),
+                                   RunDispatch.queued("d1", "t", "r1", now))
+        await pod.store.claim("t", "other-pod", 600_000, now, 1)
+        await pod.store.create_run(RunRecord(run_id="r2", thread_id="t", created_at=now, updated_at=now),
+                                   RunDispatch.queued("d2", "t", "r2", now + 1))
+        await pod.signals.publish("t", "d2")
+        await wait_for(lambda: _async(sum(1 for s in seen if s[1] == "d2") >= 5), timeout=10)
+        times = [t for t, d, _ in seen if d == "d2"]
+        deliveries = [n for _, d, n in seen if d == "d2"]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert deliveries[:5] == [1, 2, 3, 4, 5]
+        assert gaps[0] >= 0.29  # 300 ms
+        assert gaps[1] >= 0.58  # 600 ms
+        assert 0.68 <= gaps[2] < 1.1  # capped at 700 ms (uncapped would be 1200)
+        assert 0.68 <= gaps[3] < 1.1
+        assert (await pod.store.load_dispatch("d2")).status == DispatchStatus.QUEUED  # never claimed, never acked
+    finally:
+        await pod.stop()
+
+
+async def _async(value):
+    return value
+
+
+async def test_a_delayed_dispatch_starts_at_available_at(nats_url, prefix):
+    rec = Recorder()
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec)
+    try:
+        t0 = time.monotonic()
+        run_id = await submit(pod, "t", "later", delay_ms=800)
+        await wait_runs(pod, [run_id])
+        waited = rec.executions[0].started - t0
+        assert 0.79 <= waited < 0.79 + 0.6
+    finally:
+        await pod.stop()
+
+
+async def test_no_more_handlers_at_once_than_configured(nats_url, prefix):
+    async def slow(run: RunContext):
+        await asyncio.sleep(0.2)
+
+    rec = Recorder(slow)
+    pod = await start_pod(fast_settings(prefix, concurrency=3, signal_batch=10), url=nats_url, handler=rec)
+    try:
+        ids = [await submit(pod, f"t{i}", i) for i in range(12)]
+        await wait_runs(pod, ids)
+        assert rec.max_running == 3
+        assert len(rec.executions) == 12
+    finally:
+        await pod.stop()
+
+
+# ---------------------------------------------------------------------- serialization
+
+
+async def test_three_pods_serialize_each_thread_and_start_in_priority_then_fifo_order(nats_url, prefix):
+    async def body(run: RunContext):
+        await asyncio.sleep(random.uniform(0, 0.003))
+
+    rec = Recorder(body)
+    settings = fast_settings(prefix, concurrency=8)
+    control = await start_pod(settings, url=nats_url, handler=rec, start_worker=False)
+    rng = random.Random(7)
+    expected: dict[str, list[str]] = {}
+    keys: dict[str, tuple[int, int]] = {}
+    n = 0
+    for i in range(20):
+        for t in range(50):
+            prio = rng.choice([0, 64, 128, 128, 200])
+            reply = await control.mailbox.submit(SubmitRequest(thread_id=f"t{t}", input=n, priority=prio))
+            keys[reply.run_id] = (prio, n)
+            expected.setdefault(f"t{t}", []).append(reply.run_id)
+            n += 1
+    workers = [await start_pod(settings, url=nats_url, handler=rec, consumer_id=f"pod{i}") for i in range(3)]
+    try:
+        all_ids = [r for ids in expected.values() for r in ids]
+        await wait_runs(control, all_ids, timeout=90)
+        assert rec.overlaps() == []
+        executed = [e.run_id for e in rec.executions]
+        assert sorted(executed) == sorted(all_ids)  # each run exactly once
+        for thread, ids in expected.items():
+            started = [e.run_id for e in sorted(rec.executions, key=lambda e: e.started) if e.thread_id == thread]
+            assert started == sorted(ids, key=lambda r: keys[r]), thread
+        assert sum(1 for w in workers if w.worker.signal_stats["pulled"] > 0) >= 2
+    finally:
+        await stop_all([control, *workers])
+
+
+# ---------------------------------------------------------------------- failures
+
+
+async def test_transient_errors_are_retried_with_backoff(nats_url, prefix):
+    async def flaky(run: RunContext):
+        if run.attempt < 3:
+            raise TransientError(f"try {run.attempt}")
+        return "ok"
+
+    rec = Recorder(flaky)
+    pod = await start_pod(fast_settings(prefix, retry_base_ms=200), url=nats_url, handler=rec)
+    try:
+        run_id = await submit(pod, "t", None)
+        [run] = await wait_runs(pod, [run_id])
+        assert run.output == "ok" and run.attempts == 3
+        starts = [e.started for e in rec.executions]
+        assert [e.attempt for e in rec.executions] == [1, 2, 3]
+        assert starts[1] - starts[0] >= 0.19 and starts[2] - starts[1] >= 0.19  # 200, 200 ms
+        d = await pod.store.load_dispatch(run.dispatch_id)
+        assert d.status == DispatchStatus.ACKED and d.attempt_count == 2 and d.last_error == "try 2"
+        kinds = [e.kind for e in await _events(pod, run_id)]
+        assert kinds.count("rescheduled") == 2 and kinds[-1] == "finished"
+    finally:
+        await pod.stop()
+
+
+async def test_the_backoff_grows_and_caps(nats_url, prefix):
+    from service.retry import retry_delay_ms
+
+    assert [retry_delay_ms(n, 250, 30_000) for n in range(0, 9)] == [250, 250, 500, 1000, 2000, 4000, 8000, 16000, 16000]
+    assert retry_delay_ms(9, 250, 3000) == 3000
+
+
+async def test_transient_failures_dead_letter_after_max_attempts(nats_url, prefix):
+    async def always(run: RunContext):
+        raise TransientError("down")
+
+    rec = Recorder(always)
+    pod = await start_pod(fast_settings(prefix, retry_base_ms=20), url=nats_url, handler=rec)
+    try:
+        run_id = await submit(pod, "t", None, max_attempts=3)
+        [run] = await wait_runs(pod, [run_id])
+        assert len(rec.executions) == 3
+        assert run.error == "down" and run.termination.type == TerminationKind.ERROR
+        d = await pod.store.load_dispatch(run.dispatch_id)
+        assert d.status == DispatchStatus.DEAD_LETTER and d.attempt_count == 3
+        assert [e.kind for e in await _events(pod, run_id)][-1] == "dead_lettered"
+    finally:
+        await pod.stop()
+
+
+async def test_a_permanent_error_dead_letters_exactly_once(nats_url, prefix):
+    async def fatal(run: RunContext):
+        raise PermanentError("bad input")
+
+    rec = Recorder(fatal)
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec)
+    try:
+        run_id = await submit(pod, "t", None)
+        [run] = await wait_runs(pod, [run_id])
+        await asyncio.sleep(0.5)
+        assert len(rec.executions) == 1
+        d = await pod.store.load_dispatch(run.dispatch_id)
+        assert d.status == DispatchStatus.DEAD_LETTER and d.attempt_count == 0 and d.last_error == "bad input"
+        kinds = [e.kind for e in await _events(pod, run_id)]
+        assert kinds.count("dead_lettered") == 1
+    finally:
+        await pod.stop()
+
+
+async def test_any_other_exception_is_transient(nats_url, prefix):
+    async def oops(run: RunContext):
+        if run.attempt == 1:
+            raise KeyError("surprise")
+        return "recovered"
+
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=oops)
+    try:
+        run_id = await submit(pod, "t", None)
+        [run] = await wait_runs(pod, [run_id])
+        assert run.output == "recovered" and run.attempts == 2
+    finally:
+        await pod.stop()
+
+
+# ---------------------------------------------------------------------- interrupts
+
+
+async def test_a_stale_claimed_dispatch_never_enters_the_handler(nats_url, prefix):
+    rec = Recorder()
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec)
+    try:
+        now = pod.worker.clock()
+        await pod.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now, dispatch_id="d1"),
+                                   RunDispatch.queued("d1", "t", "r1", now))
+        [claimed] = await pod.store.claim("t", pod.worker.consumer_id, 30_000, now, 1)
+        await pod.mailbox.interrupt("t")  # after the claim, before the start
+        assert pod.worker.adopt(claimed)
+        await wait_for(lambda: _dispatch_status(pod, "d1", DispatchStatus.SUPERSEDED))
+        await asyncio.sleep(0.2)
+        assert rec.executions == []
+        run = await pod.store.load_run("r1")
+        assert run.status == RunStatus.DONE and run.termination.type == TerminationKind.CANCELLED
+    finally:
+        await pod.stop()
+
+
+async def _dispatch_status(pod, dispatch_id, status) -> bool:
+    d = await pod.store.load_dispatch(dispatch_id)
+    return d is not None and d.status == status
+
+
+async def _run_status(pod, run_id, status) -> bool:
+    r = await pod.store.load_run(run_id)
+    return r is not None and r.status == status
+
+
+async def test_an_interrupt_cancels_the_active_run_cooperatively(nats_url, prefix):
+    saw_cancel = asyncio.Event()
+
+    async def forever(run: RunContext):
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            if run.cancelled.is_set():
+                saw_cancel.set()
+
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=forever)
+    try:
+        run_id = await submit(pod, "t", None)
+        await wait_for(lambda: _run_status(pod, run_id, RunStatus.RUNNING))
+        reply = await pod.mailbox.interrupt("t")
+        assert reply.active_run_id == run_id and reply.active_cancelled
+        [run] = await wait_runs(pod, [run_id])
+        assert saw_cancel.is_set()
+        assert run.termination.type == TerminationKind.CANCELLED and run.error == RUN_SUPERSEDED
+        assert (await pod.store.load_dispatch(run.dispatch_id)).status == DispatchStatus.SUPERSEDED
+        assert [e.kind for e in await _events(pod, run_id)][-1] == "superseded"
+    finally:
+        await pod.stop()
+
+
+async def test_submit_with_interrupt_strategy_wins_over_older_work(nats_url, prefix):
+    gate = asyncio.Event()
+
+    async def blocked(run: RunContext):
+        if run.input == "old":
+            await gate.wait()
+        return run.input
+
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=blocked)
+    try:
+        old = await submit(pod, "t", "old")
+        await wait_for(lambda: _run_status(pod, old, RunStatus.RUNNING))
+        queued = await submit(pod, "t", "queued")
+        new = await submit(pod, "t", "new", strategy="interrupt")
+        runs = await wait_runs(pod, [old, queued, new])
+        assert [r.output for r in runs] == [None, None, "new"]
+        assert runs[0].error == RUN_SUPERSEDED and runs[1].error == RUN_SUPERSEDED
+    finally:
+        gate.set()
+        await pod.stop()
+
+
+# ---------------------------------------------------------------------- human decisions
+
+
+async def test_a_decision_reaches_the_waiting_run_live(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=approval)
+    try:
+        run_id = await submit(pod, "t", {"question": "ship it?"})
+        await wait_for(lambda: _run_status(pod, run_id, RunStatus.WAITING))
+        run = await pod.store.load_run(run_id)
+        assert run.waiting.ticket == "approval" and run.waiting.prompt == {"question": "ship it?"}
+
+        async def suspended_lease() -> bool:  # the lease switches to the suspended lease
+            d = await pod.store.load_dispatch(run.dispatch_id)
+            return d.lease_until - pod.worker.clock() > pod.settings.lease_ms
+
+        await wait_for(suspended_lease, timeout=5)
+        reply = await pod.mailbox.decide(run_id, "approval", {"approved": True})
+        assert reply.delivered == "live"
+        [done] = await wait_runs(pod, [run_id])
+        assert done.output == {"approved": True, "decision": {"approved": True}}
+        assert done.dispatch_id == run.dispatch_id  # same attempt, no new dispatch
+        kinds = [e.kind for e in await _events(pod, run_id)]
+        assert kinds == ["queued", "started", "suspended", "resumed", "finished"]
+    finally:
+        await pod.stop()
+
+
+async def test_a_decision_resumes_the_run_on_another_pod_when_its_pod_is_gone(nats_url, prefix):
+    settings = fast_settings(prefix, decision_wait_ms=300)
+    a = await start_pod(settings, url=nats_url, handler=approval, consumer_id="pod-a")
+    run_id = await submit(a, "t", "approve?")
+    await wait_for(lambda: _run_status(a, run_id, RunStatus.WAITING))
+    first = await a.store.load_run(run_id)
+    await asyncio.sleep(0.5)  # the in-run wait ends: the attempt closes as `waiting`
+    await a.kill()
+    rec = Recorder(approval)
+    b = await start_pod(settings, url=nats_url, handler=rec, consumer_id="pod-b")
+    try:
+        reply = await b.mailbox.decide(run_id, "approval", "yes")
+        assert reply.delivered == "durable" and reply.dispatch_id != first.dispatch_id
+        [done] = await wait_runs(b, [run_id])
+        assert done.output == {"approved": "yes", "decision": "yes"}
+        assert done.dispatch_id == reply.dispatch_id
+        assert [e.run_id for e in rec.executions] == [run_id]  # resumed on pod b
+    finally:
+        await b.stop()
+
+
+async def test_a_run_waiting_in_a_dead_pod_resumes_after_its_suspended_lease(nats_url, prefix):
+    settings = fast_settings(prefix, suspended_lease_ms=1500, decision_wait_ms=600_000)
+    a = await start_pod(settings, url=nats_url, handler=approval, consumer_id="pod-a")
+    run_id = await submit(a, "t", "approve?")
+    await wait_for(lambda: _run_status(a, run_id, RunStatus.WAITING))
+    await a.kill()  # dies while waiting in-run: its claim outlives it
+    b = await start_pod(settings, url=nats_url, handler=approval, consumer_id="pod-b")
+    try:
+        reply = await b.mailbox.decide(run_id, "approval", "go")
+        assert reply.delivered == "durable"
+        [done] = await wait_runs(b, [run_id], timeout=20)
+        assert done.output["decision"] == "go"
+    finally:
+        await b.stop()
+
+
+# ---------------------------------------------------------------------- recovery, sweep, gc
+
+
+async def test_expired_leases_are_reclaimed_at_start(nats_url, prefix):
+    rec = Recorder()
+    control = await start_pod(fast_settings(prefix), url=nats_url, handler=rec, start_worker=False)
+    now = control.worker.clock()
+    await control.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now, dispatch_id="d1"),
+                                   RunDispatch.queued("d1", "t", "r1", now))
+    [dead] = await control.store.claim("t", "crashed-pod", 1, now, 1)
+    await asyncio.sleep(0.01)
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec)
+    try:
+        await wait_runs(pod, ["r1"])
+        assert [e.attempt for e in rec.executions] == [2]
+        d = await pod.store.load_dispatch("d1")
+        assert d.status == DispatchStatus.ACKED and d.attempt_count == 1
+        with pytest.raises(Exception):  # the dead pod's late write is rejected
+            await pod.store.ack("d1", dead.claim_token, pod.worker.clock())
+    finally:
+        await stop_all([control, pod])
+
+
+async def test_the_sweeper_repairs_a_lost_signal(nats_url, prefix):
+    rec = Recorder()
+    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=400), url=nats_url, handler=rec)
+    try:
+        now = pod.worker.clock()
+        # written without a signal: as if the pod crashed right after the store write
+        await pod.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now, dispatch_id="d1"),
+                                   RunDispatch.queued("d1", "t", "r1", now))
+        t0 = time.monotonic()
+        await wait_runs(pod, ["r1"], timeout=5)
+        assert time.monotonic() - t0 < 0.4 * 2 + 0.5
+    finally:
+        await pod.stop()
+
+
+async def test_runs_that_lost_their_dispatch_are_re_enqueued(nats_url, prefix):
+    rec = Recorder()
+    control = await start_pod(fast_settings(prefix), url=nats_url, handler=rec, start_worker=False)
+    now = control.worker.clock()
+    # the run record landed, the dispatch did not (a crash between the two writes)
+    await control.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now, dispatch_id="d1"))
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec)
+    try:
+        [run] = await wait_runs(pod, ["r1"])
+        assert run.dispatch_id == "d1" and (await pod.store.load_dispatch("d1")).status == DispatchStatus.ACKED
+    finally:
+        await stop_all([control, pod])
+
+
+async def test_gc_removes_old_terminal_records_and_nothing_else(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix, gc_ttl_ms=0, gc_interval_ms=3_600_000), url=nats_url, handler="echo")
+    try:
+        done = [await submit(pod, f"t{i}", i) for i in range(3)]
+        await wait_runs(pod, done)
+        delayed = await submit(pod, "later", "x", delay_ms=3_600_000)
+        await asyncio.sleep(0.01)
+        purged = await pod.worker.gc()
+        assert purged == 3
+        for run_id in done:
+            assert await pod.store.load_run(run_id) is None
+        assert (await pod.store.load_run(delayed)).status == RunStatus.CREATED
+        assert await pod.store.count_dispatches_by_status(DispatchStatus.QUEUED) == 1
+    finally:
+        await pod.stop()
+
+
+async def _events(pod, run_id: str):
+    from service.store import keys
+
+    js = pod.nc.jetstream()
+    subject = f"{pod.settings.prefix}.events.*.{keys.H(run_id)}"
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    out = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except Exception:
+                break
+            import msgspec
+
+            from service.events import Event
+
+            out.append(msgspec.json.decode(msg.data, type=Event))
+    finally:
+        await sub.unsubscribe()
+    return out
