@@ -7,6 +7,7 @@ is harmless. Every delivered signal is settled with a receipt: ack, nak, or nak 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -164,7 +165,7 @@ class Signals:
         psub = await self._subscription()
         try:
             msgs = await psub.fetch(batch, timeout=expires_ms / 1000)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py raises its own and plain TimeoutErrors: both mean "none"
             return []
         out: list[Signal] = []
         for m in msgs:

@@ -190,14 +190,17 @@ class WorkerManager:
         thread_id = execution.dispatch.thread_id
         if self._busy.get(thread_id) is execution:
             del self._busy[thread_id]
-        if not self._stopping:  # finish, then claim the thread's next dispatch
-            self._spawn(self._chain(thread_id))
+        self._spawn(self._chain(thread_id))  # finish, then claim the thread's next dispatch
 
     async def _chain(self, thread_id: str) -> None:
         attempt = await self.try_dispatch_next(thread_id)
-        if attempt is Attempt.AT_CAPACITY and self.signals is not None:
-            # leave the thread's next run to whichever pod has room: wake it with a signal
-            queued = await self.store.list_dispatches(thread_id, [DispatchStatus.QUEUED], 1)
+        if attempt in (Attempt.AT_CAPACITY, Attempt.TRANSIENT_ERROR):
+            # we cannot take the thread's next run (full, or draining): hand it to any pod.
+            # Signals for it may have been acked on the promise that we would chain.
+            try:
+                queued = await self.store.list_dispatches(thread_id, [DispatchStatus.QUEUED])
+            except StoreError:
+                return  # the sweeper republishes
             for d in queued:
                 await self._signal(d)
 
@@ -250,16 +253,24 @@ class WorkerManager:
     async def _settle_unclaimed(self, signal: Signal) -> None:
         receipt = signal.receipt
         try:
-            d = await self.store.load_dispatch(signal.dispatch_id)
+            thread = await self.store.read_thread(signal.thread_id)
         except StoreError:
             await self._settle(receipt.nak(), delayed=None)
             return
         now = self.clock()
+        d = thread.dispatches.get(signal.dispatch_id)
+        holders = thread.claimed()
         if d is None or d.status != DispatchStatus.QUEUED:
-            await self._settle(receipt.ack())  # gone, terminal, or claimed (its owner chains)
+            await self._settle(receipt.ack())  # gone, terminal, or claimed: nothing to wake
         elif d.available_at > now:
             await self._settle(receipt.nak(d.available_at - now), delayed=True)  # wake at available_at
+        elif holders and all((h.lease_until or 0) >= now for h in holders):
+            # a live claim holds the thread: its owner claims the next dispatch when it
+            # finishes (and hands off with a signal if it cannot), so this wake-up is done
+            await self._settle(receipt.ack())
         else:
+            # held by an expired claim (its pod is likely gone; the sweep reclaims it) or a
+            # lost race: come back later, waiting longer each time
             delay = blocked_delay_ms(receipt.deliveries, self.settings.nak_base_ms, self.settings.nak_cap_ms)
             await self._settle(receipt.nak(delay), delayed=True)
 

@@ -40,14 +40,15 @@ def record_signals(pod) -> list[tuple[float, str, int]]:
 
 
 async def test_a_blocked_signal_waits_its_nak_delay_which_grows_and_caps(nats_url, prefix):
-    pod = await start_pod(fast_settings(prefix, nak_base_ms=300, nak_cap_ms=700), url=nats_url, handler="echo")
+    settings = fast_settings(prefix, nak_base_ms=300, nak_cap_ms=700, sweep_interval_ms=3_600_000)
+    pod = await start_pod(settings, url=nats_url, handler="echo", recover=False)
     try:
         seen = record_signals(pod)
         now = pod.worker.clock()
-        # another pod holds the thread for a long time
+        # a pod that died holds the thread; its lease has expired but no sweep reclaimed it yet
         await pod.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=now, updated_at=now),
                                    RunDispatch.queued("d1", "t", "r1", now))
-        await pod.store.claim("t", "other-pod", 600_000, now, 1)
+        assert await pod.store.claim("t", "dead-pod", 1, now, 1)
         await pod.store.create_run(RunRecord(run_id="r2", thread_id="t", created_at=now, updated_at=now),
                                    RunDispatch.queued("d2", "t", "r2", now + 1))
         await pod.signals.publish("t", "d2")
@@ -63,6 +64,31 @@ async def test_a_blocked_signal_waits_its_nak_delay_which_grows_and_caps(nats_ur
         assert (await pod.store.load_dispatch("d2")).status == DispatchStatus.QUEUED  # never claimed, never acked
     finally:
         await pod.stop()
+
+
+async def test_a_signal_blocked_by_a_live_claim_is_acked_and_the_owner_chains(nats_url, prefix):
+    gate = asyncio.Event()
+
+    async def first_blocks(run: RunContext):
+        if run.input == "first":
+            await gate.wait()
+        return run.input
+
+    a = await start_pod(fast_settings(prefix), url=nats_url, handler=first_blocks, consumer_id="a")
+    b = await start_pod(fast_settings(prefix), url=nats_url, handler=first_blocks, consumer_id="b")
+    try:
+        seen = record_signals(b)
+        first = await submit(a, "t", "first")  # a runs it
+        await wait_for(lambda: _run_status(a, first, RunStatus.RUNNING))
+        second = await b.mailbox.submit(SubmitRequest(thread_id="t", input="second"))
+        assert second.status == "queued"
+        await wait_for(lambda: _async(any(d == second.dispatch_id for _, d, _ in seen)), timeout=5)
+        await asyncio.sleep(0.3)
+        assert [n for _, d, n in seen if d == second.dispatch_id] == [1]  # acked, not bounced
+        gate.set()
+        await wait_runs(a, [first, second.run_id])
+    finally:
+        await stop_all([a, b])
 
 
 async def _async(value):
