@@ -24,6 +24,7 @@ from .config import Settings
 from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
+from .metrics import Metrics
 from .model import (
     RUN_SUPERSEDED,
     DispatchStatus,
@@ -90,7 +91,7 @@ class WorkerManager:
         nc: Any = None,
         consumer_id: str | None = None,
         clock: Callable[[], int] = wall_clock_ms,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.handler = handler
@@ -100,7 +101,7 @@ class WorkerManager:
         self.nc = nc
         self.consumer_id = consumer_id or f"pod-{uuid.uuid4().hex[:12]}"
         self.clock = clock
-        self.metrics = metrics
+        self.metrics = metrics or Metrics()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -157,7 +158,8 @@ class WorkerManager:
             return Attempt.AT_CAPACITY
         self._busy[thread_id] = None  # claiming: closes the race of two callers seeing "idle"
         try:
-            claimed = await self.store.claim(thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1)
+            with self.metrics.timed("claim"):
+                claimed = await self.store.claim(thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1)
         except StoreError as exc:
             self._busy.pop(thread_id, None)
             log.warning("event=claim_failed thread=%s error=%s", thread_id, exc)
@@ -224,6 +226,7 @@ class WorkerManager:
                 if not batch:
                     continue
                 self.signal_stats["pulled"] += len(batch)
+                self.metrics.signals_pulled.inc(len(batch))
                 await asyncio.gather(*(self._handle_signal(s) for s in batch))
         finally:
             self.signal_loop_running = False
@@ -234,6 +237,7 @@ class WorkerManager:
         try:
             if receipt.deliveries > 1:
                 self.signal_stats["redelivered"] += 1
+                self.metrics.signals_redelivered.inc()
             attempt = await self.try_dispatch_next(signal.thread_id)
             if attempt in (Attempt.CLAIMED, Attempt.BUSY):
                 await self._settle(receipt.ack())
@@ -278,8 +282,10 @@ class WorkerManager:
         await call
         if delayed is False:
             self.signal_stats["ack"] += 1
+            self.metrics.signals_acked.inc()
         else:
             self.signal_stats["nak"] += 1
+            self.metrics.signals_naked.labels("true" if delayed else "false").inc()
             if delayed:
                 self.signal_stats["nak_delayed"] += 1
 
@@ -287,7 +293,8 @@ class WorkerManager:
         if self.signals is None:
             return
         try:
-            await self.signals.publish(d.thread_id, d.dispatch_id, msg_id=msg_id)
+            if await self.signals.publish(d.thread_id, d.dispatch_id, msg_id=msg_id) and msg_id:
+                self.metrics.signals_republished.inc()
         except Exception as exc:  # the sweeper republishes
             log.warning("event=signal_publish_failed dispatch=%s error=%r", d.dispatch_id, exc)
 
@@ -298,11 +305,16 @@ class WorkerManager:
         token = d.claim_token or ""
         renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
         live = None
+        self.metrics.active_runs.inc()
         try:
             instance = uuid.uuid4().hex
+            started = self.clock()
+            self.metrics.enqueue_to_start.observe(max(0, started - d.created_at) / 1000)
+            self.metrics.claim_to_start.observe(max(0, started - d.updated_at) / 1000)
             try:
                 # one round trip re-checks ownership and the epoch before anything runs
-                await self.store.record_dispatch_start(d.dispatch_id, token, instance, self.clock())
+                with self.metrics.timed("record_dispatch_start"):
+                    await self.store.record_dispatch_start(d.dispatch_id, token, instance, started)
             except (VersionConflictError, NotFoundError):
                 await self._after_lost_start(d)
                 return
@@ -337,6 +349,7 @@ class WorkerManager:
         except Exception:
             log.exception("event=execution_failed dispatch=%s", d.dispatch_id)
         finally:
+            self.metrics.active_runs.dec()
             renewal.cancel()
             if live is not None:
                 try:
@@ -375,6 +388,10 @@ class WorkerManager:
         d = execution.dispatch
         token = d.claim_token or ""
         now = self.clock()
+        label = _OUTCOME_LABELS.get(outcome.kind, outcome.kind)
+        self.metrics.runs.labels(label).inc()
+        self.metrics.runtime.labels(label).observe(max(0, now - (d.updated_at or now)) / 1000)
+        self.metrics.enqueue_to_complete.labels(label).observe(max(0, now - d.created_at) / 1000)
         if outcome.kind == "ok":
             await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value))
             await self._complete_dispatch(d, token, instance, RunStatus.DONE, outcome.value)
@@ -490,11 +507,13 @@ class WorkerManager:
             try:
                 ok = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", lease_ms, now)
             except StoreError as exc:
+                self.metrics.lease_renewals.labels("error").inc()
                 log.warning("event=lease_renewal_failed dispatch=%s error=%s", d.dispatch_id, exc)
                 if now >= execution.lease_until:
                     self._cancel(execution, CancelReason.LEASE_LOST)
                     return
                 continue
+            self.metrics.lease_renewals.labels("ok" if ok else "lost").inc()
             if not ok:
                 log.info("event=lease_lost dispatch=%s", d.dispatch_id)
                 self._cancel(execution, CancelReason.LEASE_LOST)
@@ -581,9 +600,14 @@ class WorkerManager:
                 log.warning("event=maintenance_failed error=%s", exc)
 
     async def sweep(self) -> None:
-        """Reclaim expired leases and republish signals for queued work nobody is waking."""
+        """One scan of the bucket: reclaim expired leases, republish signals for queued work
+        nobody is waking, and refresh the depth gauges."""
         now = self.clock()
-        for d in await self.store.reclaim_expired_leases(now, 100):
+        snapshot = await self.store.scan()
+        with self.metrics.timed("reclaim"):
+            reclaimed = await self.store.reclaim_expired_leases(now, 100, snapshot=snapshot)
+        self.metrics.reclaims.inc(len(reclaimed))
+        for d in reclaimed:
             if d.status == DispatchStatus.QUEUED:
                 await self._event("rescheduled", d, {"reason": "expired_lease_reclaimed"})
                 await self._signal(d)
@@ -591,8 +615,10 @@ class WorkerManager:
                 await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=d.last_error))
                 await self._event("dead_lettered", d, {"error": d.last_error, "attempts": d.attempt_count})
         bucket = now // self.settings.republish_after_ms
-        for d in await self.store.list_queued(available_before=now):
+        for d in await self.store.list_queued(available_before=now, snapshot=snapshot):
             await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
+        for status, n in (await self.store.count_all_by_status(snapshot=snapshot)).items():
+            self.metrics.depth.labels(status.value).set(n)
 
     async def gc(self) -> int:
         """Purge terminal dispatches older than the TTL; re-enqueue runs that lost their dispatch."""
@@ -635,6 +661,9 @@ class WorkerManager:
             await self._event("queued", d, {"recovered": True})
             await self._signal(d)
         return count
+
+
+_OUTCOME_LABELS = {"ok": "completed", "transient": "transient_error", "permanent": "permanent_error"}
 
 
 @dataclass

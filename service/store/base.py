@@ -225,13 +225,21 @@ class ThreadStore(ABC):
 
     # ------------------------------------------------------------------ global views
 
+    async def scan(self) -> list[ThreadState]:
+        """Every thread in one bounded pass. Global views accept it as `snapshot=` so the
+        maintenance leader reads the bucket once per sweep, not once per view."""
+        return await self._scan_threads()
+
+    async def _scan_or(self, snapshot: list[ThreadState] | None) -> list[ThreadState]:
+        return snapshot if snapshot is not None else await self._scan_threads()
+
     async def count_dispatches_by_status(self, status: DispatchStatus) -> int:
         return sum(1 for st in await self._scan_threads() for d in st.dispatches.values() if d.status == status)
 
-    async def count_all_by_status(self) -> dict[DispatchStatus, int]:
+    async def count_all_by_status(self, snapshot: list[ThreadState] | None = None) -> dict[DispatchStatus, int]:
         """Every status's count from one scan (metrics)."""
         counts = {s: 0 for s in DispatchStatus}
-        for st in await self._scan_threads():
+        for st in await self._scan_or(snapshot):
             for d in st.dispatches.values():
                 counts[d.status] += 1
         return counts
@@ -252,11 +260,13 @@ class ThreadStore(ABC):
             }
         )
 
-    async def list_queued(self, available_before: int | None = None) -> list[RunDispatch]:
+    async def list_queued(
+        self, available_before: int | None = None, snapshot: list[ThreadState] | None = None
+    ) -> list[RunDispatch]:
         """Queued dispatches on every thread (available at `available_before`, if given)."""
         return [
             d
-            for st in await self._scan_threads()
+            for st in await self._scan_or(snapshot)
             for d in st.dispatches.values()
             if d.status == DispatchStatus.QUEUED and (available_before is None or d.available_at <= available_before)
         ]
@@ -265,14 +275,16 @@ class ThreadStore(ABC):
     async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
         """Take or keep the lease `name` for `holder` (one pod at a time runs maintenance)."""
 
-    async def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
+    async def reclaim_expired_leases(
+        self, now: int, limit: int, snapshot: list[ThreadState] | None = None
+    ) -> list[RunDispatch]:
         """Requeue (or dead-letter) claimed dispatches whose `lease_until < now`; stale ones are
         superseded and not returned. Each candidate is re-decided on a fresh read, so
-        concurrent sweeps reclaim each dispatch once."""
+        concurrent sweeps reclaim each dispatch once (and a stale snapshot is harmless)."""
         _check_non_negative(now=now, limit=limit)
         candidates = [
             d
-            for st in await self._scan_threads()
+            for st in await self._scan_or(snapshot)
             for d in st.dispatches.values()
             if d.status == DispatchStatus.CLAIMED and d.lease_until is not None and d.lease_until < now
         ][:limit]
