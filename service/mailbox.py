@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 
 from . import live
 from .events import EventStream
@@ -39,6 +40,7 @@ from .protocol import (
     SubmitRequest,
 )
 from .signals import Signals
+from .tracing import context_from, current_carrier
 from .store import DispatchStore
 
 log = logging.getLogger("mailbox.control")
@@ -90,6 +92,7 @@ class Mailbox:
         max_payload: int = 256 * 1024,
         default_max_attempts: int = 5,
         clock: Callable[[], int] | None = None,
+        tracer: Any = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -101,11 +104,21 @@ class Mailbox:
         self.default_max_attempts = default_max_attempts
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.new_id = IdGenerator()
+        self.tracer = tracer or trace.NoOpTracer()
 
     # ------------------------------------------------------------------ submit
 
-    async def submit(self, req: SubmitRequest) -> SubmitReply:
-        """Create a run and its first dispatch on a thread, by the request's strategy."""
+    async def submit(self, req: SubmitRequest, trace_headers: dict[str, str] | None = None) -> SubmitReply:
+        """Create a run and its first dispatch on a thread, by the request's strategy.
+        `trace_headers` (traceparent/tracestate of the caller) become the submit span's parent."""
+        with self.tracer.start_as_current_span(
+            "mailbox.submit",
+            context=context_from(trace_headers),
+            attributes={"mailbox.thread_id": req.thread_id, "mailbox.strategy": req.strategy},
+        ):
+            return await self._submit(req)
+
+    async def _submit(self, req: SubmitRequest) -> SubmitReply:
         self._validate_submit(req)
         now = self.clock()
         if req.run_id is not None:
@@ -153,6 +166,7 @@ class Mailbox:
             priority=req.priority,
             max_attempts=max_attempts,
             dispatch_id=dispatch_id,
+            trace=current_carrier(),
             created_at=now,
             updated_at=now,
         )

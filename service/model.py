@@ -476,6 +476,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Decisions delivered durably while the run waited, by ticket; consumed on resume."""
     attempts: int = 0
     """Handler executions started, over all dispatches of the run."""
+    trace: dict[str, str] = {}
+    """W3C trace context of the submit (traceparent/tracestate), restored around the handler."""
     created_at: int
     updated_at: int
     finished_at: int | None = None

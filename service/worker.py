@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+from opentelemetry import trace
 
 from . import retry
 from .config import Settings
@@ -25,6 +26,7 @@ from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .metrics import Metrics
+from .tracing import context_from
 from .model import (
     RUN_SUPERSEDED,
     DispatchStatus,
@@ -92,6 +94,7 @@ class WorkerManager:
         consumer_id: str | None = None,
         clock: Callable[[], int] = wall_clock_ms,
         metrics: Metrics | None = None,
+        tracer: Any = None,
     ) -> None:
         self.store = store
         self.handler = handler
@@ -102,6 +105,7 @@ class WorkerManager:
         self.consumer_id = consumer_id or f"pod-{uuid.uuid4().hex[:12]}"
         self.clock = clock
         self.metrics = metrics or Metrics()
+        self.tracer = tracer or trace.NoOpTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -158,7 +162,9 @@ class WorkerManager:
             return Attempt.AT_CAPACITY
         self._busy[thread_id] = None  # claiming: closes the race of two callers seeing "idle"
         try:
-            with self.metrics.timed("claim"):
+            with self.metrics.timed("claim"), self.tracer.start_as_current_span(
+                "mailbox.claim", attributes={"mailbox.thread_id": thread_id}
+            ):
                 claimed = await self.store.claim(thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1)
         except StoreError as exc:
             self._busy.pop(thread_id, None)
@@ -344,7 +350,14 @@ class WorkerManager:
             )
             execution.context = context
             live = await self._open_live(execution)
-            outcome = await self._run_handler(execution, context)
+            with self.tracer.start_as_current_span(
+                "mailbox.execute",
+                context=context_from(run.trace),
+                attributes={"mailbox.thread_id": d.thread_id, "mailbox.run_id": d.run_id,
+                            "mailbox.dispatch_id": d.dispatch_id, "mailbox.attempt": d.attempt_count + 1},
+            ) as span:
+                outcome = await self._run_handler(execution, context)
+                span.set_attribute("mailbox.outcome", outcome.kind)
             await self._settle_run(execution, instance, outcome)
         except Exception:
             log.exception("event=execution_failed dispatch=%s", d.dispatch_id)
