@@ -474,16 +474,23 @@ class WorkerManager:
     ) -> None:
         now = self.clock()
         result = RunDispatchResult(run_id=d.run_id, dispatch_instance_id=instance, status=status)
-        if await self._call(self.store.record_run_result(d.dispatch_id, token, result, now), d):
-            await self._call(self.store.ack(d.dispatch_id, token, now), d)
+        with self.metrics.timed("ack"):
+            await self._call(self.store.complete(d.dispatch_id, token, result, now), d)
 
     async def _update_run(
         self, d: RunDispatch, change: Callable[[RunRecord], RunRecord | None], missing_ok: bool = False
     ) -> bool:
+        changed = False
+
+        def tracked(r: RunRecord) -> RunRecord | None:
+            nonlocal changed
+            new = change(r)
+            changed = new is not None and new != r
+            return new
+
         try:
-            before = await self.store.load_run(d.run_id)
-            after = await self.store.update_run(d.run_id, change)
-            return after != before
+            await self.store.update_run(d.run_id, tracked)
+            return changed
         except NotFoundError:
             if not missing_ok:
                 log.warning("event=run_missing run=%s dispatch=%s", d.run_id, d.dispatch_id)

@@ -149,6 +149,10 @@ class ThreadStore(ABC):
     ) -> None:
         await self._on_owned(dispatch_id, lambda s: ops.record_run_result(s, dispatch_id, claim_token, result, now))
 
+    async def complete(self, dispatch_id: str, claim_token: str, result: RunDispatchResult, now: int) -> None:
+        """`record_run_result` then `ack`, as one write."""
+        await self._on_owned(dispatch_id, lambda s: ops.complete(s, dispatch_id, claim_token, result, now))
+
     async def nack(self, dispatch_id: str, claim_token: str, retry_at: int, error: str, now: int) -> None:
         _check_non_negative(retry_at=retry_at, now=now)
         await self._on_owned(dispatch_id, lambda s: ops.nack(s, dispatch_id, claim_token, retry_at, error, now))

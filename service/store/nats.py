@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
+from ..natsclient import connect as connect_client
 from ..model import RunDispatch, RunRecord, StoreError, StoreUnavailableError
 from . import keys
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
@@ -140,7 +141,7 @@ class NatsDispatchStore(ThreadStore):
     ) -> NatsDispatchStore:
         """Connect (or reuse a connected client), create or verify the bucket, and return the store."""
         owns = isinstance(url_or_client, str)
-        nc = await nats.connect(url_or_client, **connect_options) if owns else url_or_client
+        nc = await connect_client(url_or_client, **connect_options) if owns else url_or_client
         store = cls(
             nc,
             prefix=prefix,

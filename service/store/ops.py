@@ -320,6 +320,20 @@ def record_run_result(
     )
 
 
+def complete(
+    state: ThreadState, dispatch_id: str, claim_token: str, result: RunDispatchResult, now: int
+) -> Outcome[None]:
+    """record_run_result and ack in one write (the worker's hot path)."""
+    return _token_op(
+        state,
+        dispatch_id,
+        claim_token,
+        now,
+        CLAIMED_SUPERSEDED_BY_EPOCH,
+        lambda d: d.record_run_result(result, now).mark_acked(now),
+    )
+
+
 def nack(
     state: ThreadState, dispatch_id: str, claim_token: str, retry_at: int, error: str, now: int
 ) -> Outcome[None]:
