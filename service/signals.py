@@ -146,13 +146,25 @@ class Signals:
         h = dict(headers or {})
         if msg_id:
             h["Nats-Msg-Id"] = msg_id
-        try:
-            ack = await self.js.publish(subject, _encode(_Payload(thread_id, dispatch_id)), headers=h or None)
-        except nats.js.errors.BadRequestError as exc:
-            if "maximum messages per subject" in str(exc).lower():
-                return False
-            raise
-        return not ack.duplicate
+        payload = _encode(_Payload(thread_id, dispatch_id))
+        for attempt in range(4):
+            try:
+                ack = await self.js.publish(subject, payload, headers=h or None)
+                return not ack.duplicate
+            except nats.js.errors.APIError as exc:
+                # one pending signal per dispatch: the server refuses a second one (code 503,
+                # "maximum messages per subject exceeded"), which just means "already pending"
+                if "maximum messages per subject" in (exc.description or "").lower():
+                    return False
+                if not isinstance(exc, nats.js.errors.ServiceUnavailableError) or attempt == 3:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+            except (nats.errors.NoRespondersError, asyncio.TimeoutError):
+                # a busy or re-electing server: back off briefly (the Msg-Id, if any, dedupes)
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+        return False
 
     async def _subscription(self):
         if self._psub is None:

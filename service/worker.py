@@ -302,7 +302,7 @@ class WorkerManager:
             if await self.signals.publish(d.thread_id, d.dispatch_id, msg_id=msg_id) and msg_id:
                 self.metrics.signals_republished.inc()
         except Exception as exc:  # the sweeper republishes
-            log.warning("event=signal_publish_failed dispatch=%s error=%r", d.dispatch_id, exc)
+            log.warning("event=signal_publish_failed dispatch=%s error=%r desc=%s", d.dispatch_id, exc, getattr(exc, "description", ""))
 
     # ------------------------------------------------------------------ execution
 
