@@ -155,7 +155,7 @@ async def test_claim_reads_only_its_thread_whatever_the_history(nats_store):
     [d] = await s.claim("hot", "w", LEASE, 2000, 1)
     after = vars(s.stats)
     assert d.dispatch_id == "mine"
-    assert after["snapshots"] - before["snapshots"] == 1  # one round trip to read the thread
+    assert after["snapshots"] - before["snapshots"] <= 1  # at most one round trip to read the thread
     assert after["publishes"] - before["publishes"] == 1  # one guarded write
     assert after["scanned_keys"] == before["scanned_keys"]  # no global scan
     state = await s.read_thread("hot")

@@ -38,12 +38,10 @@ from service.store.ops import (
     Change,
     DeleteDispatch,
     DeleteEpoch,
-    DeleteRun,
     ForgetRun,
     Outcome,
     PutDispatch,
     PutEpoch,
-    PutRun,
     ThreadState,
 )
 
@@ -63,14 +61,9 @@ def dispatch(dispatch_id: str, *, created_at: int = 1_000, **kw: Any) -> RunDisp
     return RunDispatch.queued(dispatch_id, kw.pop("thread_id", THREAD), kw.pop("run_id"), created_at, **kw)
 
 
-def state(*records: RunDispatch, epoch: int = 0, runs: tuple[RunRecord, ...] = ()) -> ThreadState:
+def state(*records: RunDispatch, epoch: int = 0) -> ThreadState:
     """A thread holding exactly these records (no op involved)."""
-    return ThreadState(
-        thread_id=THREAD,
-        epoch=epoch,
-        dispatches={d.dispatch_id: d for d in records},
-        runs={r.run_id: r for r in runs},
-    )
+    return ThreadState(thread_id=THREAD, epoch=epoch, dispatches={d.dispatch_id: d for d in records})
 
 
 def commit(st: ThreadState, outcome: Outcome[Any]) -> ThreadState:
@@ -122,19 +115,18 @@ def test_apply_does_not_mutate_the_input_state() -> None:
     st = enqueued(dispatch("a"))
     before = msgspec.structs.asdict(st)
     before_dispatches = dict(st.dispatches)
-    new = ops.apply(st, Change([PutEpoch(4), DeleteDispatch("a"), PutRun(run())]))
+    new = ops.apply(st, Change([PutEpoch(4), DeleteDispatch("a")]))
     assert msgspec.structs.asdict(st) == before
     assert st.dispatches == before_dispatches
     assert new.epoch == 4
     assert new.dispatches == {}
-    assert set(new.runs) == {"run-a"}
 
 
 def test_apply_writes_in_order_and_delete_epoch_resets_to_zero() -> None:
-    st = state(epoch=3, runs=(run(),))
-    new = ops.apply(st, Change([PutEpoch(5), DeleteEpoch(), DeleteRun("run-a"), ForgetRun("x")]))
+    st = state(dispatch("a"), epoch=3)
+    new = ops.apply(st, Change([PutEpoch(5), DeleteEpoch(), ForgetRun("x")]))
     assert new.epoch == 0
-    assert new.runs == {}
+    assert set(new.dispatches) == {"a"}
 
 
 def test_empty_change_is_falsy() -> None:
@@ -885,7 +877,7 @@ def terminal(dispatch_id: str, at: int, **kw: Any) -> RunDispatch:
 
 def test_purge_deletes_terminal_dispatches_strictly_older_than() -> None:
     st = state(terminal("old", 99), terminal("edge", 100), terminal("new", 101), epoch=0)
-    outcome = ops.purge_terminal(st, 100)
+    outcome = ops.purge_terminal(st, 100, set())
     assert outcome.result == 1
     assert DeleteDispatch("old") in outcome.change.writes
     assert set(commit(st, outcome).dispatches) == {"edge", "new"}
@@ -894,7 +886,7 @@ def test_purge_deletes_terminal_dispatches_strictly_older_than() -> None:
 def test_purge_never_deletes_live_dispatches() -> None:
     queued = dispatch("q", created_at=1)
     claimed = claimed_record("c", created_at=1)
-    outcome = ops.purge_terminal(state(queued, claimed), 10**12)
+    outcome = ops.purge_terminal(state(queued, claimed), 10**12, set())
     assert outcome.result == 0
     assert not outcome.change
 
@@ -910,46 +902,23 @@ def test_purge_never_deletes_live_dispatches() -> None:
     ids=["acked", "cancelled", "superseded", "dead_letter"],
 )
 def test_purge_deletes_every_terminal_status(record: RunDispatch) -> None:
-    assert ops.purge_terminal(state(record), 51).result == 1
+    assert ops.purge_terminal(state(record), 51, set()).result == 1
 
 
-def test_purge_deletes_a_done_run_once_no_dispatch_refers_to_it() -> None:
+def test_purge_keeps_run_ids_that_have_a_run_record() -> None:
+    st = state(terminal("a", 50, run_id="run-a"))
+    outcome = ops.purge_terminal(st, 100, {"run-a"})
+    assert outcome.change.writes == [DeleteDispatch("a")]  # the run's own purge releases it
+
+
+def test_purge_run_deletes_a_done_run_once_no_dispatch_refers_to_it() -> None:
     done = run("run-a", status=RunStatus.DONE, updated_at=50)
-    st = state(terminal("a", 50, run_id="run-a"), runs=(done,))
-    outcome = ops.purge_terminal(st, 100)
-    assert DeleteRun("run-a") in outcome.change.writes
-    assert ForgetRun("run-a") not in outcome.change.writes  # DeleteRun already releases it
-
-
-def test_purge_keeps_a_done_run_still_referenced_by_a_dispatch() -> None:
-    done = run("run-a", status=RunStatus.DONE, updated_at=50)
-    st = state(terminal("a", 50, run_id="run-a"), dispatch("replay", run_id="run-a", created_at=60), runs=(done,))
-    outcome = ops.purge_terminal(st, 100)
-    assert outcome.change.writes == [DeleteDispatch("a")]
-
-
-def test_purge_keeps_a_run_that_is_not_done() -> None:
+    assert ops.purge_run(done, 100, set()).delete
+    assert not ops.purge_run(done, 100, {"run-a"}).delete  # still referenced (a replay, say)
+    assert not ops.purge_run(done, 50, set()).delete  # strict: updated_at < older_than
     waiting = run("run-a", status=RunStatus.WAITING, updated_at=50)
-    st = state(terminal("a", 50, run_id="run-a"), runs=(waiting,), epoch=2)
-    outcome = ops.purge_terminal(st, 100)
-    assert outcome.change.writes == [DeleteDispatch("a")]
-    after = commit(st, outcome)
-    assert set(after.runs) == {"run-a"}
-    assert after.epoch == 2  # the thread still holds a run
-
-
-def test_purge_keeps_a_done_run_updated_too_recently() -> None:
-    done = run("run-a", status=RunStatus.DONE, updated_at=200)
-    st = state(terminal("a", 50, run_id="run-a"), runs=(done,), epoch=1)
-    outcome = ops.purge_terminal(st, 100)
-    assert outcome.change.writes == [DeleteDispatch("a")]
-
-
-def test_purge_deletes_an_old_done_run_without_any_dispatch() -> None:
-    done = run("run-a", status=RunStatus.DONE, updated_at=50)
-    outcome = ops.purge_terminal(state(runs=(done,)), 100)
-    assert outcome.result == 0
-    assert outcome.change.writes == [DeleteRun("run-a")]
+    assert not ops.purge_run(waiting, 100, set()).delete
+    assert not ops.purge_run(None, 100, set()).delete
 
 
 def test_purge_forgets_run_ids_used_only_by_bare_dispatches() -> None:
@@ -959,16 +928,15 @@ def test_purge_forgets_run_ids_used_only_by_bare_dispatches() -> None:
         terminal("b1", 50, run_id="shared"),
         dispatch("b2", run_id="shared", created_at=70),
     )
-    outcome = ops.purge_terminal(st, 100)
+    outcome = ops.purge_terminal(st, 100, set())
     forgotten = [w for w in outcome.change.writes if isinstance(w, ForgetRun)]
     assert forgotten == [ForgetRun("bare")]
 
 
 def test_purge_drops_the_epoch_only_when_the_thread_is_left_empty() -> None:
-    done = run("run-a", status=RunStatus.DONE, updated_at=50)
-    st = state(terminal("a", 50, run_id="run-a"), runs=(done,), epoch=3)
-    outcome = ops.purge_terminal(st, 100)
-    assert outcome.change.writes[-1] == DeleteEpoch()
+    st = state(terminal("a", 50, run_id="run-a"), epoch=3)
+    outcome = ops.purge_terminal(st, 100, set())
+    assert DeleteEpoch() in outcome.change.writes
     after = commit(st, outcome)
     assert after.epoch == 0
     assert after.is_empty()
@@ -976,25 +944,25 @@ def test_purge_drops_the_epoch_only_when_the_thread_is_left_empty() -> None:
 
 def test_purge_keeps_the_epoch_while_any_dispatch_remains() -> None:
     st = state(terminal("a", 50), terminal("b", 150), epoch=3)
-    outcome = ops.purge_terminal(st, 100)
+    outcome = ops.purge_terminal(st, 100, set())
     assert DeleteEpoch() not in outcome.change.writes
     assert commit(st, outcome).epoch == 3
 
 
 def test_purge_does_not_delete_a_zero_epoch() -> None:
-    outcome = ops.purge_terminal(state(terminal("a", 50), epoch=0), 100)
+    outcome = ops.purge_terminal(state(terminal("a", 50), epoch=0), 100, set())
     assert DeleteEpoch() not in outcome.change.writes
 
 
 def test_purge_with_nothing_to_delete_writes_nothing() -> None:
-    outcome = ops.purge_terminal(state(terminal("a", 500), epoch=2), 100)
+    outcome = ops.purge_terminal(state(terminal("a", 500), epoch=2), 100, set())
     assert outcome.result == 0
     assert not outcome.change
 
 
 def test_after_a_full_purge_the_thread_epoch_restarts_at_zero() -> None:
     st = interrupted(enqueued(dispatch("a")))
-    st = commit(st, ops.purge_terminal(st, NOW + 1))
+    st = commit(st, ops.purge_terminal(st, NOW + 1, set()))
     st = commit(st, ops.enqueue(st, dispatch("b", created_at=NOW + 2)))
     assert st.dispatches["b"].dispatch_epoch == 0
     assert ids(ops.claim(st, CONSUMER, TOKEN, LEASE, NOW + 3, 1).result) == ["b"]
@@ -1003,92 +971,50 @@ def test_after_a_full_purge_the_thread_epoch_restarts_at_zero() -> None:
 # --------------------------------------------------------------------------- create_run / update_run
 
 
-def test_create_run_writes_the_run_then_its_dispatch() -> None:
+def test_create_run_writes_a_new_run() -> None:
     r = run("run-a")
-    d = dispatch("a", run_id="run-a")
-    outcome = ops.create_run(state(epoch=2), r, d)
-    assert outcome.change.writes == [PutRun(r), PutDispatch(d.prepare_for_enqueue(2))]
-    assert outcome.result is None
-
-
-def test_create_run_without_a_dispatch() -> None:
-    r = run("run-a")
-    assert ops.create_run(state(), r, None).change.writes == [PutRun(r)]
+    assert ops.create_run(None, r).record == r
 
 
 def test_create_run_is_idempotent_for_the_same_run_record() -> None:
     r = run("run-a")
-    st = state(runs=(r,))
-    assert not ops.create_run(st, r, None).change
-    # after a crash between the two writes, only the dispatch is left to write
-    d = dispatch("a", run_id="run-a")
-    assert ops.create_run(st, r, d).change.writes == [PutDispatch(d)]
+    decision = ops.create_run(r, r)
+    assert decision.record is None and not decision.delete
 
 
 def test_create_run_rejects_a_different_run_with_the_same_id() -> None:
-    st = state(runs=(run("run-a"),))
-    other = msgspec.structs.replace(run("run-a"), input={"x": 1})
-    with pytest.raises(AlreadyExistsError, match="run 'run-a' already exists"):
-        ops.create_run(st, other, None)
-
-
-def test_create_run_rejects_an_existing_dispatch() -> None:
-    r = run("run-a")
-    d = dispatch("a", run_id="run-a")
-    st = commit(state(), ops.create_run(state(), r, d))
-    with pytest.raises(AlreadyExistsError, match="'a' already exists"):
-        ops.create_run(st, r, d)
-
-
-@pytest.mark.parametrize(
-    "d",
-    [dispatch("a", run_id="run-b"), dispatch("a", run_id="run-a", thread_id="t2")],
-    ids=["other-run", "other-thread"],
-)
-def test_create_run_rejects_a_dispatch_of_another_run_or_thread(d: RunDispatch) -> None:
-    with pytest.raises(ValidationError, match="must belong to the run"):
-        ops.create_run(state(), run("run-a"), d)
+    other = msgspec.structs.replace(run("run-a"), input="different")
+    with pytest.raises(AlreadyExistsError):
+        ops.create_run(run("run-a"), other)
 
 
 def test_create_run_validates_the_run() -> None:
-    with pytest.raises(ValidationError, match="priority"):
-        ops.create_run(state(), msgspec.structs.replace(run(), priority=300), None)
-    with pytest.raises(ValidationError, match="run_id"):
-        ops.create_run(state(), msgspec.structs.replace(run(), run_id=" "), None)
-
-
-def test_create_run_applies_the_enqueue_rules() -> None:
-    st = state(dispatch("x", dedupe_key="k"))
-    with pytest.raises(AlreadyExistsError, match="dedupe_key=k"):
-        ops.create_run(st, run("run-a"), dispatch("a", run_id="run-a", dedupe_key="k"))
+    with pytest.raises(ValidationError):
+        ops.create_run(None, msgspec.structs.replace(run(), priority=300))
+    with pytest.raises(ValidationError):
+        ops.create_run(None, msgspec.structs.replace(run(), run_id=" "))
 
 
 def test_update_run_writes_the_new_record() -> None:
     r = run("run-a")
-    outcome = ops.update_run(state(runs=(r,)), "run-a", lambda x: msgspec.structs.replace(x, status=RunStatus.RUNNING))
-    assert outcome.result.status == RunStatus.RUNNING
-    assert outcome.change.writes == [PutRun(outcome.result)]
+    decision = ops.update_run(r, "run-a", lambda x: msgspec.structs.replace(x, status=RunStatus.RUNNING))
+    assert decision.record is not None and decision.record.status == RunStatus.RUNNING
+    assert decision.result == decision.record
 
 
-@pytest.mark.parametrize("change", [lambda r: None, lambda r: r, lambda r: msgspec.structs.replace(r)])
+@pytest.mark.parametrize("change", [lambda r: None, lambda r: r], ids=["none", "same"])
 def test_update_run_without_a_difference_writes_nothing(change: Any) -> None:
     r = run("run-a")
-    outcome = ops.update_run(state(runs=(r,)), "run-a", change)
-    assert outcome.result == r
-    assert not outcome.change
+    decision = ops.update_run(r, "run-a", change)
+    assert decision.record is None and decision.result == r
 
 
 def test_update_run_of_an_unknown_run_raises_not_found() -> None:
     with pytest.raises(NotFoundError):
-        ops.update_run(state(), "nope", lambda r: r)
+        ops.update_run(None, "nope", lambda r: r)
 
 
 @pytest.mark.parametrize("field", ["run_id", "thread_id"])
 def test_update_run_cannot_change_identity(field: str) -> None:
-    with pytest.raises(ValidationError, match="never change"):
-        ops.update_run(state(runs=(run("run-a"),)), "run-a", lambda r: msgspec.structs.replace(r, **{field: "x"}))
-
-
-def test_update_run_validates_the_new_record() -> None:
-    with pytest.raises(ValidationError, match="max_attempts"):
-        ops.update_run(state(runs=(run("run-a"),)), "run-a", lambda r: msgspec.structs.replace(r, max_attempts=0))
+    with pytest.raises(ValidationError):
+        ops.update_run(run("run-a"), "run-a", lambda r: msgspec.structs.replace(r, **{field: "x"}))

@@ -1,8 +1,8 @@
 """The store contract, implemented once over a small set of backend primitives.
 
-A backend (memory, NATS) supplies five primitives: run a read-decide-commit on one thread
-(`_thread_op`), read a thread (`_read_thread`), bind an id to its thread (`_bind`), resolve an
-id to its thread (`_thread_of`), and scan every thread (`_scan_threads`). Everything the
+A backend (memory, NATS) supplies a few primitives: a read-decide-commit on one thread's
+queue state (`_thread_op`) and on one run record (`_run_op`), reads of both, binding and
+resolving ids to their thread (`_bind`, `_thread_of`), and one-pass scans. Everything the
 contract says is decided by the pure functions of `ops`, so both backends behave alike by
 construction and the conformance suite checks the I/O.
 """
@@ -32,7 +32,7 @@ from ..model import (
     validate_run,
 )
 from . import ops
-from .ops import Outcome, ThreadState
+from .ops import Outcome, RunChange, ThreadState
 
 T = TypeVar("T")
 
@@ -90,6 +90,20 @@ class ThreadStore(ABC):
     @abstractmethod
     async def _scan_threads(self) -> list[ThreadState]:
         """Every thread, in one bounded pass. Only maintenance and global views use it."""
+
+    @abstractmethod
+    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+        """Read a run, decide, and commit by compare-and-set on the run's key (re-deciding
+        after a conflict). A deleted run also releases its id."""
+
+    @abstractmethod
+    async def _read_run(self, thread_id: str, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def _thread_runs(self, thread_id: str) -> list[RunRecord]: ...
+
+    @abstractmethod
+    async def _scan_runs(self) -> list[RunRecord]: ...
 
     async def close(self) -> None:
         """Release the backend's resources."""
@@ -302,23 +316,36 @@ class ThreadStore(ABC):
         return reclaimed
 
     async def purge_terminal(self, older_than: int) -> int:
-        """Delete terminal dispatches with `updated_at < older_than` (plus finished runs no
-        dispatch refers to, and the epoch of a thread left empty); returns dispatches deleted."""
+        """Delete terminal dispatches with `updated_at < older_than`, then finished runs that
+        no dispatch refers to any more, and the epoch of a thread left without dispatches;
+        returns the number of dispatches deleted."""
+        runs_by_thread: dict[str, list[RunRecord]] = {}
+        for r in await self._scan_runs():
+            runs_by_thread.setdefault(r.thread_id, []).append(r)
         purged = 0
         for st in await self._scan_threads():
-            if any(d.is_terminal and d.updated_at < older_than for d in st.dispatches.values()) or any(
-                r.is_done and r.updated_at < older_than for r in st.runs.values()
-            ):
-                purged += await self._thread_op(st.thread_id, lambda s: ops.purge_terminal(s, older_than))
+            if any(d.is_terminal and d.updated_at < older_than for d in st.dispatches.values()):
+                recorded = {r.run_id for r in runs_by_thread.get(st.thread_id, [])}
+                purged += await self._thread_op(st.thread_id, lambda s: ops.purge_terminal(s, older_than, recorded))
+        for thread_id, runs in runs_by_thread.items():
+            candidates = [r for r in runs if r.is_done and r.updated_at < older_than]
+            if not candidates:
+                continue
+            referenced = {d.run_id for d in (await self._read_thread(thread_id)).dispatches.values()}
+            for r in candidates:
+                await self._run_op(thread_id, r.run_id, lambda x: ops.purge_run(x, older_than, referenced))
         return purged
 
     # ------------------------------------------------------------------ runs
 
     async def create_run(self, run: RunRecord, dispatch: RunDispatch | None = None) -> None:
-        """Write a new run record, then its first dispatch (if given)."""
+        """Write a new run record, then its first dispatch (if given). A crash in between
+        leaves a `created` run without its dispatch, which recovery re-enqueues."""
         validate_run(run)
         encode_record(run, self.max_record_bytes)
         if dispatch is not None:
+            if dispatch.run_id != run.run_id or dispatch.thread_id != run.thread_id:
+                raise ValidationError("the dispatch must belong to the run and its thread", id=dispatch.dispatch_id)
             validate_for_enqueue(dispatch)
             encode_record(dispatch, self.max_record_bytes)
             bound = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
@@ -327,13 +354,15 @@ class ThreadStore(ABC):
         bound = await self._bind("run", run.run_id, run.thread_id)
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
-        await self._thread_op(run.thread_id, lambda s: ops.create_run(s, run, dispatch))
+        await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run))
+        if dispatch is not None:
+            await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch))
 
     async def load_run(self, run_id: str) -> RunRecord | None:
         thread_id = await self._thread_of("run", run_id)
         if thread_id is None:
             return None
-        return (await self._read_thread(thread_id)).runs.get(run_id)
+        return await self._read_run(thread_id, run_id)
 
     async def update_run(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]) -> RunRecord:
         """Apply `change` (a pure function; it may run again after a conflict) to a run."""
@@ -341,7 +370,13 @@ class ThreadStore(ABC):
         if thread_id is None:
             raise NotFoundError(f"run '{run_id}' not found", id=run_id)
 
-        return await self._thread_op(thread_id, lambda s: ops.update_run(s, run_id, change))
+        def decide(existing: RunRecord | None) -> RunChange[RunRecord]:
+            decision = ops.update_run(existing, run_id, change)
+            if decision.record is not None:
+                encode_record(decision.record, self.max_record_bytes)
+            return decision
+
+        return await self._run_op(thread_id, run_id, decide)
 
     async def list_runs(
         self,
@@ -351,9 +386,8 @@ class ThreadStore(ABC):
         offset: int = 0,
     ) -> list[RunRecord]:
         """The thread's runs, oldest first."""
-        state = await self._read_thread(thread_id)
         rows = sorted(
-            (r for r in state.runs.values() if status_filter is None or r.status in status_filter),
+            (r for r in await self._thread_runs(thread_id) if status_filter is None or r.status in status_filter),
             key=lambda r: (r.created_at, r.run_id),
         )
         return _page(rows, limit, offset)
@@ -361,7 +395,7 @@ class ThreadStore(ABC):
     async def scan_runs(self, statuses: list[RunStatus]) -> list[RunRecord]:
         """Runs in these statuses on every thread (startup recovery)."""
         wanted = set(statuses)
-        return [r for st in await self._scan_threads() for r in st.runs.values() if r.status in wanted]
+        return [r for r in await self._scan_runs() if r.status in wanted]
 
 
 def _page(rows: list[T], limit: int | None, offset: int) -> list[T]:

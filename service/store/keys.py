@@ -39,7 +39,12 @@ def dispatch_key(thread_id: str, dispatch_id: str) -> str:
 
 
 def run_key(thread_id: str, run_id: str) -> str:
-    return f"{thread_prefix(thread_id)}.r.{H(run_id)}"
+    """A run record: beside its thread's queue state, not inside it (no claim reads runs)."""
+    return f"{runs_prefix(thread_id)}.{H(run_id)}"
+
+
+def runs_prefix(thread_id: str) -> str:
+    return f"r.{H(thread_id)}"
 
 
 def dispatch_alias_key(dispatch_id: str) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from ..model import RunRecord
 from . import ops
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
-from .ops import DeleteDispatch, DeleteRun, ForgetRun, Outcome, PutDispatch, PutRun, ThreadState
+from .ops import DeleteDispatch, ForgetRun, Outcome, PutDispatch, RunChange, ThreadState
 
 T = TypeVar("T")
 
@@ -20,6 +21,7 @@ class MemoryDispatchStore(ThreadStore):
     def __init__(self, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.max_record_bytes = max_record_bytes
         self._threads: dict[str, ThreadState] = {}
+        self._runs: dict[str, RunRecord] = {}
         self._aliases: dict[tuple[AliasKind, str], str] = {}
         self._leaders: dict[str, tuple[str, int]] = {}
 
@@ -28,13 +30,13 @@ class MemoryDispatchStore(ThreadStore):
         outcome = decide(_copy(state))
         if outcome.change:
             for w in outcome.change.writes:
-                if isinstance(w, PutDispatch | PutRun):
+                if isinstance(w, PutDispatch):
                     encode_record(w.record, self.max_record_bytes)
             new = ops.apply(state, outcome.change)
             for w in outcome.change.writes:
                 if isinstance(w, DeleteDispatch):
                     self._aliases.pop(("dispatch", w.dispatch_id), None)
-                elif isinstance(w, DeleteRun | ForgetRun):
+                elif isinstance(w, ForgetRun):
                     self._aliases.pop(("run", w.run_id), None)
             if new.is_empty() and not new.epoch:
                 self._threads.pop(thread_id, None)
@@ -46,6 +48,27 @@ class MemoryDispatchStore(ThreadStore):
 
     async def _read_thread(self, thread_id: str) -> ThreadState:
         return _copy(self._threads.get(thread_id) or ThreadState(thread_id=thread_id))
+
+    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+        existing = self._runs.get(run_id)
+        decision = decide(existing if existing is None or existing.thread_id == thread_id else None)
+        if decision.record is not None:
+            encode_record(decision.record, self.max_record_bytes)
+            self._runs[run_id] = decision.record
+        elif decision.delete:
+            self._runs.pop(run_id, None)
+            self._aliases.pop(("run", run_id), None)
+        return decision.result
+
+    async def _read_run(self, thread_id: str, run_id: str) -> RunRecord | None:
+        run = self._runs.get(run_id)
+        return run if run is not None and run.thread_id == thread_id else None
+
+    async def _thread_runs(self, thread_id: str) -> list[RunRecord]:
+        return [r for r in self._runs.values() if r.thread_id == thread_id]
+
+    async def _scan_runs(self) -> list[RunRecord]:
+        return list(self._runs.values())
 
     async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
         return self._aliases.setdefault((kind, id), thread_id)
@@ -65,6 +88,4 @@ class MemoryDispatchStore(ThreadStore):
 
 
 def _copy(state: ThreadState) -> ThreadState:
-    return ThreadState(
-        thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches), runs=dict(state.runs)
-    )
+    return ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches))

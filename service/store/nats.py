@@ -1,11 +1,17 @@
 """`NatsDispatchStore`: the contract on one JetStream KV bucket (DESIGN.md §2.1).
 
-Layout: `t.H(thread).{epoch | d.H(dispatch) | r.H(run)}` plus the aliases `id.H(dispatch)`
-and `run.H(run)` (values: the thread id). A thread is read in one round trip (a direct batch
-get with `multi_last` over its subtree); the highest sequence in it is the thread's revision.
-Every change is published with `Nats-Expected-Last-Subject-Sequence` = that revision over the
-whole subtree, so it lands only if nothing in the thread changed since the read; multi-key
-changes that must be all-or-nothing (interrupt) go out as one atomic batch with the same guard.
+Layout: `t.H(thread).{epoch | d.H(dispatch)}` (a thread's queue state), `r.H(thread).H(run)`
+(run records), and the aliases `id.H(dispatch)` and `run.H(run)` (values: the thread id). A
+thread is read in one round trip (a direct batch get with `multi_last` over its subtree); the
+highest sequence in it is the thread's revision. Every change is published with
+`Nats-Expected-Last-Subject-Sequence` = that revision over the whole subtree, so it lands only
+if nothing in the thread changed since the read; multi-key changes that must be
+all-or-nothing (interrupt) go out as one atomic batch with the same guard. A run record is
+changed by compare-and-set on its own key.
+
+The state and revision our own commit produced are kept (LRU) and reused for the thread's
+next change: if anyone else wrote meanwhile, the guard rejects the write and we re-read. A
+decision that writes nothing is never taken on that cache: it is re-decided on a fresh read.
 
 A publish whose reply is lost may still have landed: the key is re-read and compared with
 what we wrote before anything is retried, and nothing is compensated blindly.
@@ -32,18 +38,18 @@ from nats.js.api import StreamConfig
 
 from ..natsclient import connect as connect_client
 from ..model import RunDispatch, RunRecord, StoreError, StoreUnavailableError
+from . import ops
 from . import keys
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
 from .ops import (
     Change,
     DeleteDispatch,
     DeleteEpoch,
-    DeleteRun,
     ForgetRun,
     Outcome,
     PutDispatch,
     PutEpoch,
-    PutRun,
+    RunChange,
     ThreadState,
     Write,
 )
@@ -124,6 +130,8 @@ class NatsDispatchStore(ThreadStore):
         self._pending: dict[str, tuple[list[Msg], asyncio.Future[int]]] = {}
         self._next_token = 0
         self._alias_cache: OrderedDict[tuple[AliasKind, str], str] = OrderedDict()
+        self._threads: OrderedDict[str, tuple[ThreadState, int]] = OrderedDict()  # our last commits
+        self._runs: OrderedDict[str, tuple[RunRecord, int]] = OrderedDict()
         self._high_water = 0  # highest stream sequence we committed: reads must not be older
         self.stats = StoreStats()
 
@@ -217,28 +225,116 @@ class NatsDispatchStore(ThreadStore):
     async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
         deadline = time.monotonic() + self._unavailable_after
         attempt = 0
-        while True:
+        cached = self._threads.get(thread_id)
+        if cached is not None:
+            state, rev = _copy_state(cached[0]), cached[1]
+        else:
             state, rev = await self._snapshot(thread_id)
-            outcome = decide(state)
+        while True:
+            try:
+                outcome = decide(state)
+            except StoreError:
+                if cached is None:
+                    raise
+                outcome = None  # a refusal is never decided on the cache either
+            if outcome is None or (not outcome.change and cached is not None):
+                cached = None  # a decision that writes nothing is never taken on the cache
+                state, rev = await self._snapshot(thread_id)
+                continue
             if outcome.change:
                 try:
-                    await self._commit(thread_id, rev, outcome.change)
+                    rev = await self._commit(thread_id, rev, outcome.change)
                 except _Conflict:
                     self.stats.conflicts += 1
                     attempt += 1
                     if time.monotonic() > deadline:
+                        self._threads.pop(thread_id, None)
                         raise StoreUnavailableError(
                             f"thread '{thread_id}' kept changing; gave up after {attempt} attempts", id=thread_id
                         ) from None
-                    # jittered backoff spreads out writers racing on one thread
-                    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
+                    if cached is None:  # a real race: spread out the writers racing on this thread
+                        await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
+                    cached = None
+                    state, rev = await self._snapshot(thread_id)
                     continue
+                except BaseException:
+                    self._threads.pop(thread_id, None)
+                    raise
+                self._remember_thread(ops.apply(state, outcome.change), rev)
             if outcome.error is not None:
                 raise outcome.error
             return outcome.result
 
+    def _remember_thread(self, state: ThreadState, rev: int) -> None:
+        self._threads[state.thread_id] = (state, rev)
+        self._threads.move_to_end(state.thread_id)
+        if len(self._threads) > 10_000:
+            self._threads.popitem(last=False)
+
     async def _read_thread(self, thread_id: str) -> ThreadState:
         return (await self._snapshot(thread_id))[0]
+
+    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+        key = keys.run_key(thread_id, run_id)
+        deadline = time.monotonic() + self._unavailable_after
+        cached = self._runs.get(run_id)
+        run, seq = cached if cached is not None else await self._get_run(key)
+        while True:
+            try:
+                decision = decide(run)
+            except StoreError:
+                if cached is None:
+                    raise
+                cached = None  # a refusal is never decided on the cache
+                run, seq = await self._get_run(key)
+                continue
+            if decision.record is None and not decision.delete:
+                if cached is not None:
+                    cached = None
+                    run, seq = await self._get_run(key)
+                    continue
+                return decision.result
+            headers = {"Nats-Expected-Last-Subject-Sequence": str(seq)}
+            try:
+                if decision.delete:
+                    await self._publish(key, b"", {**_PURGE, **headers})
+                    self._runs.pop(run_id, None)
+                    self._alias_cache.pop(("run", run_id), None)
+                    await self._publish(keys.run_alias_key(run_id), b"", _PURGE)
+                else:
+                    assert decision.record is not None
+                    new_seq = await self._publish(key, encode_record(decision.record, self.max_record_bytes), headers)
+                    self._runs[run_id] = (decision.record, new_seq)
+                    self._runs.move_to_end(run_id)
+                    if len(self._runs) > 10_000:
+                        self._runs.popitem(last=False)
+                return decision.result
+            except _Conflict:
+                self.stats.conflicts += 1
+                if time.monotonic() > deadline:
+                    raise StoreUnavailableError(f"run '{run_id}' kept changing", id=run_id) from None
+                cached = None
+                run, seq = await self._get_run(key)
+
+    async def _get_run(self, key: str) -> tuple[RunRecord | None, int]:
+        entry = await self._get_last(key)
+        if entry is None:
+            return None, 0
+        return (None if entry.deleted else _run_decoder.decode(entry.data)), entry.seq
+
+    async def _read_run(self, thread_id: str, run_id: str) -> RunRecord | None:
+        run, seq = await self._get_run(keys.run_key(thread_id, run_id))
+        if run is not None:
+            self._runs[run_id] = (run, seq)
+        return run
+
+    async def _thread_runs(self, thread_id: str) -> list[RunRecord]:
+        prefix = f"{self._kv}{keys.runs_prefix(thread_id)}.>"
+        entries = await self._read_subtree(prefix)
+        return [_run_decoder.decode(e.data) for e in entries if not e.deleted]
+
+    async def _scan_runs(self) -> list[RunRecord]:
+        return [_run_decoder.decode(e.data) for e in await self._scan(f"{self._kv}r.>") if not e.deleted]
 
     async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
         key = _alias_key(kind, id)
@@ -301,7 +397,7 @@ class NatsDispatchStore(ThreadStore):
             thread_id = keys.unH(thread_token)
             st = threads.get(thread_id)
             if st is None:
-                st = threads[thread_id] = ThreadState(thread_id=thread_id, dispatches={}, runs={})
+                st = threads[thread_id] = ThreadState(thread_id=thread_id, dispatches={})
             _absorb(st, rest, e.data)
         return list(threads.values())
 
@@ -309,31 +405,36 @@ class NatsDispatchStore(ThreadStore):
 
     async def _snapshot(self, thread_id: str) -> tuple[ThreadState, int]:
         prefix = f"{self._kv}{keys.thread_prefix(thread_id)}."
-        request: dict[str, Any] = {"multi_last": [prefix + ">"], "batch": 1024}
-        if self._high_water:
-            request["min_last_seq"] = self._high_water
-        status, msgs = await self._batch_get(request)
+        entries = await self._read_subtree(prefix + ">")
         self.stats.snapshots += 1
-        if status == 413:  # more keys than one multi_last answers: scan the subtree in order
-            entries = await self._scan(prefix + ">")
-        else:
-            entries = [_entry(m) for m in msgs]
-        state = ThreadState(thread_id=thread_id, dispatches={}, runs={})
+        state = ThreadState(thread_id=thread_id, dispatches={})
         rev = 0
         for e in entries:
             rev = max(rev, e.seq)  # tombstones count: they are part of the thread's history
             if not e.deleted:
                 _absorb(state, e.subject[len(prefix) :], e.data)
+        self._remember_thread(_copy_state(state), rev)
         return state, rev
 
-    async def _commit(self, thread_id: str, rev: int, change: Change) -> None:
-        """Publish `change` guarded by the thread revision `rev`; raises _Conflict if the thread moved."""
+    async def _read_subtree(self, subject_filter: str) -> list[_Entry]:
+        """The last message of every key under a filter, in one round trip when possible."""
+        request: dict[str, Any] = {"multi_last": [subject_filter], "batch": 1024}
+        if self._high_water:
+            request["min_last_seq"] = self._high_water
+        status, msgs = await self._batch_get(request)
+        if status == 413:  # more keys than one multi_last answers: scan the subtree in order
+            return await self._scan(subject_filter)
+        return [_entry(m) for m in msgs]
+
+    async def _commit(self, thread_id: str, rev: int, change: Change) -> int:
+        """Publish `change` guarded by the thread revision `rev`; returns the new revision, or
+        raises _Conflict if the thread moved."""
         subtree = f"{self._kv}{keys.thread_prefix(thread_id)}.>"
         writes = [self._encode_write(thread_id, w) for w in change.writes]
         if change.atomic and len(writes) > 1:
             for start in range(0, len(writes), MAX_BATCH):
                 rev = await self._publish_batch(writes[start : start + MAX_BATCH], rev, subtree)
-            return
+            return rev
         for w, (key, data, headers) in zip(change.writes, writes):
             if isinstance(w, ForgetRun):
                 await self._purge_alias(w)
@@ -344,28 +445,25 @@ class NatsDispatchStore(ThreadStore):
                 **headers,
             }
             rev = await self._publish(key, data, guard)
-            if isinstance(w, DeleteDispatch | DeleteRun):
+            if isinstance(w, DeleteDispatch):
                 await self._purge_alias(w)
+        return rev
 
     def _encode_write(self, thread_id: str, w: Write) -> tuple[str, bytes, dict[str, str]]:
         match w:
             case PutDispatch(record=d):
                 return keys.dispatch_key(thread_id, d.dispatch_id), encode_record(d, self.max_record_bytes), {}
-            case PutRun(record=r):
-                return keys.run_key(thread_id, r.run_id), encode_record(r, self.max_record_bytes), {}
             case PutEpoch(epoch=e):
                 return keys.epoch_key(thread_id), str(e).encode(), {}
             case DeleteDispatch(dispatch_id=i):
                 return keys.dispatch_key(thread_id, i), b"", _PURGE
-            case DeleteRun(run_id=i):
-                return keys.run_key(thread_id, i), b"", _PURGE
             case DeleteEpoch():
                 return keys.epoch_key(thread_id), b"", _PURGE
             case ForgetRun(run_id=i):
                 return keys.run_alias_key(i), b"", _PURGE
         raise AssertionError(w)
 
-    async def _purge_alias(self, w: DeleteDispatch | DeleteRun | ForgetRun) -> None:
+    async def _purge_alias(self, w: DeleteDispatch | ForgetRun) -> None:
         kind: AliasKind = "dispatch" if isinstance(w, DeleteDispatch) else "run"
         id = w.dispatch_id if isinstance(w, DeleteDispatch) else w.run_id
         self._alias_cache.pop((kind, id), None)
@@ -578,6 +676,7 @@ def _absorb(state: ThreadState, rest: str, data: bytes) -> None:
     elif rest.startswith("d."):
         d = _dispatch_decoder.decode(data)
         state.dispatches[d.dispatch_id] = d
-    elif rest.startswith("r."):
-        r = _run_decoder.decode(data)
-        state.runs[r.run_id] = r
+
+
+def _copy_state(state: ThreadState) -> ThreadState:
+    return ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches))

@@ -43,12 +43,12 @@ T = TypeVar("T")
 
 
 class ThreadState(msgspec.Struct):
-    """Everything stored under one thread: its epoch, dispatches and runs."""
+    """A thread's queue state: its epoch and its dispatches. (Runs are stored beside the
+    thread, one key each: no queue decision reads them, so claims need not read them.)"""
 
     thread_id: str
     epoch: int = 0
     dispatches: dict[str, RunDispatch] = {}
-    runs: dict[str, RunRecord] = {}
 
     def claimed(self) -> list[RunDispatch]:
         return sorted(
@@ -56,16 +56,12 @@ class ThreadState(msgspec.Struct):
         )
 
     def is_empty(self) -> bool:
-        return not self.dispatches and not self.runs
+        return not self.dispatches
 
 
 # One write of a Change. Writes are applied in order; see Change.atomic.
 class PutDispatch(msgspec.Struct, frozen=True):
     record: RunDispatch
-
-
-class PutRun(msgspec.Struct, frozen=True):
-    record: RunRecord
 
 
 class PutEpoch(msgspec.Struct, frozen=True):
@@ -74,10 +70,6 @@ class PutEpoch(msgspec.Struct, frozen=True):
 
 class DeleteDispatch(msgspec.Struct, frozen=True):
     dispatch_id: str
-
-
-class DeleteRun(msgspec.Struct, frozen=True):
-    run_id: str
 
 
 class DeleteEpoch(msgspec.Struct, frozen=True):
@@ -90,7 +82,7 @@ class ForgetRun(msgspec.Struct, frozen=True):
     run_id: str
 
 
-Write = PutDispatch | PutRun | PutEpoch | DeleteDispatch | DeleteRun | DeleteEpoch | ForgetRun
+Write = PutDispatch | PutEpoch | DeleteDispatch | DeleteEpoch | ForgetRun
 
 
 class Change(msgspec.Struct):
@@ -120,25 +112,20 @@ class Outcome(msgspec.Struct, Generic[T]):
 def apply(state: ThreadState, change: Change) -> ThreadState:
     """The state after `change` (used by the memory store and by tests)."""
     dispatches = dict(state.dispatches)
-    runs = dict(state.runs)
     epoch = state.epoch
     for w in change.writes:
         match w:
             case PutDispatch(record=d):
                 dispatches[d.dispatch_id] = d
-            case PutRun(record=r):
-                runs[r.run_id] = r
             case PutEpoch(epoch=e):
                 epoch = e
             case DeleteDispatch(dispatch_id=i):
                 dispatches.pop(i, None)
-            case DeleteRun(run_id=i):
-                runs.pop(i, None)
             case DeleteEpoch():
                 epoch = 0
             case ForgetRun():
                 pass
-    return ThreadState(thread_id=state.thread_id, epoch=epoch, dispatches=dispatches, runs=runs)
+    return ThreadState(thread_id=state.thread_id, epoch=epoch, dispatches=dispatches)
 
 
 def _puts(*records: RunDispatch) -> Change:
@@ -162,39 +149,50 @@ def enqueue(state: ThreadState, d: RunDispatch) -> Outcome[None]:
     return Outcome(_puts(d.prepare_for_enqueue(state.epoch)), None)
 
 
-def create_run(state: ThreadState, run: RunRecord, dispatch: RunDispatch | None) -> Outcome[None]:
-    """Write a new run, then (optionally) its first dispatch. Run first: a crash in between
-    leaves a `created` run that recovery re-enqueues. Re-running after a partial commit finds
-    our own run already there (equal record) and only enqueues."""
+# --------------------------------------------------------------------------- runs
+# A run is one key, changed by compare-and-set on that key; these decide the new record.
+
+
+class RunChange(msgspec.Struct, Generic[T]):
+    """What to do with a run key: write `record`, delete it (`delete`), or nothing."""
+
+    result: T
+    record: RunRecord | None = None
+    delete: bool = False
+
+
+def create_run(existing: RunRecord | None, run: RunRecord) -> RunChange[None]:
+    """Write a new run. The same record already there is our own earlier write (a retry):
+    nothing to do; a different one is a conflict."""
     validate_run(run)
-    writes: list[Write] = []
-    existing = state.runs.get(run.run_id)
     if existing is None:
-        writes.append(PutRun(run))
-    elif existing != run:
+        return RunChange(None, record=run)
+    if existing != run:
         raise AlreadyExistsError(f"run '{run.run_id}' already exists", id=run.run_id)
-    if dispatch is not None:
-        if dispatch.run_id != run.run_id or dispatch.thread_id != run.thread_id:
-            raise ValidationError("dispatch must belong to the run and its thread", id=dispatch.dispatch_id)
-        if existing is not None and dispatch.dispatch_id in state.dispatches:
-            raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
-        writes.extend(enqueue(state, dispatch).change.writes)
-    return Outcome(Change(writes), None)
+    return RunChange(None)
 
 
 def update_run(
-    state: ThreadState, run_id: str, change: Callable[[RunRecord], RunRecord | None]
-) -> Outcome[RunRecord]:
-    run = state.runs.get(run_id)
-    if run is None:
+    existing: RunRecord | None, run_id: str, change: Callable[[RunRecord], RunRecord | None]
+) -> RunChange[RunRecord]:
+    if existing is None:
         raise NotFoundError(f"run '{run_id}' not found", id=run_id)
-    new = change(run)
-    if new is None or new == run:
-        return Outcome(_NOTHING, run)
-    if new.run_id != run.run_id or new.thread_id != run.thread_id:
+    new = change(existing)
+    if new is None or new == existing:
+        return RunChange(existing)
+    if new.run_id != existing.run_id or new.thread_id != existing.thread_id:
         raise ValidationError("a run's id and thread never change", id=run_id)
     validate_run(new)
-    return Outcome(Change([PutRun(new)]), new)
+    return RunChange(new, record=new)
+
+
+def purge_run(existing: RunRecord | None, older_than: int, referenced: set[str]) -> RunChange[bool]:
+    """Delete a finished run that no dispatch refers to any more."""
+    if existing is None or not existing.is_done or existing.updated_at >= older_than:
+        return RunChange(False)
+    if existing.run_id in referenced:
+        return RunChange(False)
+    return RunChange(True, delete=True)
 
 
 # --------------------------------------------------------------------------- claim
@@ -419,28 +417,22 @@ def reclaim_expired(state: ThreadState, dispatch_id: str, now: int) -> Outcome[R
     return Outcome(_puts(new), new)
 
 
-def purge_terminal(state: ThreadState, older_than: int) -> Outcome[int]:
-    """Delete terminal dispatches with `updated_at < older_than`, finished runs that no
-    dispatch refers to any more, and the epoch of a thread left with nothing at all (its
-    epoch then restarts at 0, which is safe: no dispatch of an older epoch is left)."""
-    doomed = [
-        d.dispatch_id for d in state.dispatches.values() if d.is_terminal and d.updated_at < older_than
-    ]
+def purge_terminal(state: ThreadState, older_than: int, recorded_runs: set[str]) -> Outcome[int]:
+    """Delete terminal dispatches with `updated_at < older_than`, and the epoch of a thread
+    left without dispatches (its epoch then restarts at 0, which is safe: no dispatch of an
+    older epoch is left). Run ids used only by the purged dispatches and with no run record
+    (`recorded_runs` are those that have one) are released."""
+    doomed = [d.dispatch_id for d in state.dispatches.values() if d.is_terminal and d.updated_at < older_than]
+    if not doomed:
+        return Outcome(_NOTHING, 0)
     left = {i: d for i, d in state.dispatches.items() if i not in set(doomed)}
     referenced = {d.run_id for d in left.values()}
-    runs_doomed = [
-        r.run_id
-        for r in state.runs.values()
-        if r.is_done and r.run_id not in referenced and r.updated_at < older_than
-    ]
     writes: list[Write] = [DeleteDispatch(i) for i in doomed]
-    writes += [DeleteRun(i) for i in runs_doomed]
-    # run ids that only bare dispatches used (no run record): free them with their last dispatch
+    if not left and state.epoch:
+        writes.append(DeleteEpoch())
     writes += [
         ForgetRun(i)
         for i in sorted({state.dispatches[d].run_id for d in doomed})
-        if i not in referenced and i not in state.runs
+        if i not in referenced and i not in recorded_runs
     ]
-    if not left and len(runs_doomed) == len(state.runs) and state.epoch and writes:
-        writes.append(DeleteEpoch())
     return Outcome(Change(writes), len(doomed))
