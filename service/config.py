@@ -1,8 +1,8 @@
 """Settings: every `MAILBOX_*` variable in one msgspec Struct (DESIGN.md §5).
 
-`Settings.from_env()` reads the environment (and optionally a JSON/TOML-free `KEY=VALUE`
-file named by `MAILBOX_CONFIG_FILE`); a bad value stops the start with a message that names
-the variable and the accepted range.
+`from_env()` reads the environment (and optionally a `KEY=VALUE` file named by
+`MAILBOX_CONFIG_FILE`); a bad value stops the start with a message that names the variable
+and the accepted range.
 """
 
 from __future__ import annotations
@@ -150,9 +150,11 @@ def read_config_file(path: str) -> dict[str, str]:
     """`KEY=VALUE` lines (comments with #), as in an env file."""
     values: dict[str, str] = {}
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"MAILBOX_CONFIG_FILE={path!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"MAILBOX_CONFIG_FILE={path!r} is not UTF-8 text") from None
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -172,6 +174,18 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return from_mapping(merged)
 
 
+def mask_url(url: str) -> str:
+    """A server URL with any user info (user:password@, token@) replaced by ****."""
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    masked_rest = "****@" + rest.rsplit("@", 1)[1]
+    return f"{scheme}://{masked_rest}" if sep else masked_rest
+
+
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective settings by variable name, secrets masked (for --print-config)."""
     out: dict[str, Any] = {}
@@ -179,8 +193,7 @@ def masked(settings: Settings) -> dict[str, Any]:
         value = getattr(settings, field)
         if field in _SECRETS and value:
             value = "****"
-        if field == "nats_url" and value and "@" in value:
-            scheme, _, rest = value.partition("://")
-            value = f"{scheme}://****@{rest.split('@', 1)[1]}"
+        if field == "nats_url" and value:
+            value = ",".join(mask_url(u) for u in value.split(","))
         out[env_name(field)] = value
     return out
