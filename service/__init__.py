@@ -1,0 +1,3 @@
+"""Mailbox: a durable, per-thread run mailbox on NATS JetStream."""
+
+__version__ = "0.1.0"

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
+from .api import start_api as start_api_service
 from .config import Settings
+from .connection import ConnectError, connect, connect_options  # noqa: F401  (re-exported)
 from .events import EventStream
 from .handlers import Handler, load_handler
 from .mailbox import Mailbox
@@ -22,31 +23,6 @@ from .store import NatsDispatchStore
 from .worker import WorkerManager, wall_clock_ms
 
 log = logging.getLogger("mailbox.app")
-
-
-def connect_options(settings: Settings) -> dict[str, Any]:
-    """nats.connect keyword arguments for the configured credentials and TLS."""
-    options: dict[str, Any] = {
-        "name": f"mailbox-{settings.prefix}",
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 0.5,
-        "allow_reconnect": True,
-    }
-    if settings.nats_creds:
-        options["user_credentials"] = settings.nats_creds
-    if settings.nats_user:
-        options["user"] = settings.nats_user
-        options["password"] = settings.nats_password or ""
-    if settings.nats_token:
-        options["token"] = settings.nats_token
-    if settings.nats_tls_ca or settings.nats_tls_cert:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=settings.nats_tls_ca)
-        if settings.nats_tls_cert and settings.nats_tls_key:
-            ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
-        options["tls"] = ctx
-    return options
 
 
 @dataclass
@@ -58,10 +34,15 @@ class Pod:
     worker: WorkerManager
     mailbox: Mailbox
     settings: Settings
+    api: Any = None
+    """The `mailbox` micro service (service.api.ApiService) when started with `start_api=True`."""
 
     async def stop(self, drain_timeout_ms: int | None = None) -> None:
-        """Graceful: drain the worker, then close everything."""
+        """Graceful: stop the API (requests in flight finish), drain the worker, then close everything."""
+        if self.api is not None:
+            await self.api.stop()
         await self.worker.stop(drain_timeout_ms)
+        await self.events.close()
         await self.signals.close()
         await self.store.close()
         try:
@@ -72,6 +53,8 @@ class Pod:
     async def kill(self) -> None:
         """Abrupt: drop the connection without settling anything (a crashed pod, as far
         as NATS can tell); in-flight tasks are cancelled."""
+        if self.api is not None:
+            self.api.abort()
         self.worker._stopping = True
         for t in list(self.worker._loops):
             t.cancel()
@@ -93,9 +76,10 @@ async def start_pod(
     clock: Callable[[], int] = wall_clock_ms,
     start_worker: bool = True,
     recover: bool = True,
+    start_api: bool = True,
 ) -> Pod:
-    """Connect and start one pod."""
-    nc = await nats.connect(url or settings.nats_url or "nats://127.0.0.1:4222", **connect_options(settings))
+    """Connect and start one pod (with the `mailbox` micro service unless `start_api=False`)."""
+    nc = await connect(settings, url)
     try:
         store = await NatsDispatchStore.connect(nc, prefix=settings.prefix, replicas=settings.replicas)
         signals = Signals(nc, settings.prefix)
@@ -131,7 +115,14 @@ async def start_pod(
         )
         if start_worker:
             await worker.start(recover=recover)
+        pod = Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox, settings=settings)
+        if start_api:
+            try:
+                pod.api = await start_api_service(pod)
+            except BaseException:
+                await worker.stop(0)
+                raise
     except BaseException:
         await nc.close()
         raise
-    return Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox, settings=settings)
+    return pod

@@ -224,7 +224,7 @@ class Mailbox:
             try:
                 await self.signals.publish(dispatch.thread_id, dispatch.dispatch_id)
             except Exception as exc:  # durable already; the sweeper republishes
-                log.warning("event=signal_publish_failed dispatch=%s error=%r", dispatch.dispatch_id, exc)
+                log.warning("event=signal_publish_failed dispatch=%s error=%r desc=%s", dispatch.dispatch_id, exc, getattr(exc, "description", ""))
         return "queued"
 
     # ------------------------------------------------------------------ cancel / interrupt
