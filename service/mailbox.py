@@ -20,6 +20,7 @@ from . import live
 from .events import EventStream
 from .model import (
     RUN_SUPERSEDED,
+    AlreadyExistsError,
     DispatchStatus,
     NotFoundError,
     RunDispatch,
@@ -29,6 +30,7 @@ from .model import (
     TerminationKind,
     ValidationError,
     validate_id,
+    validate_run,
 )
 from .protocol import (
     CancelReply,
@@ -42,6 +44,7 @@ from .protocol import (
 from .signals import Signals
 from .tracing import context_from, current_carrier
 from .store import DispatchStore
+from .store.base import encode_record
 
 log = logging.getLogger("mailbox.control")
 
@@ -152,9 +155,6 @@ class Mailbox:
                     status="running",
                     steered=True,
                 )
-        if req.strategy == "interrupt":
-            await self.interrupt(req.thread_id)
-
         run_id = req.run_id or self.new_id()
         dispatch_id = req.dispatch_id or self.new_id()
         max_attempts = req.max_attempts or self.default_max_attempts
@@ -180,7 +180,28 @@ class Mailbox:
             available_at=now + (req.delay_ms or 0),
             max_attempts=max_attempts,
         )
-        await self.store.create_run(run, dispatch)
+        # everything that can refuse this submit is checked before an interrupt changes anything
+        validate_run(run)
+        encode_record(run, self.store.max_record_bytes)
+        if req.dispatch_id is not None and await self.store.load_dispatch(req.dispatch_id) is not None:
+            raise AlreadyExistsError(f"dispatch '{req.dispatch_id}' already exists", id=req.dispatch_id)
+        if req.strategy == "interrupt":
+            await self.interrupt(req.thread_id)
+        try:
+            await self.store.create_run(run, dispatch)
+        except AlreadyExistsError as exc:
+            if req.dedupe_key is None or exc.id is None or exc.id == dispatch_id:
+                raise
+            holder = await self.store.load_dispatch(exc.id)  # a concurrent submit with our dedupe key won
+            if holder is None:
+                raise
+            return SubmitReply(
+                run_id=holder.run_id,
+                dispatch_id=holder.dispatch_id,
+                thread_id=holder.thread_id,
+                status="running" if holder.status == DispatchStatus.CLAIMED else "queued",
+                duplicate=True,
+            )
         await self._event("queued", dispatch, {"priority": req.priority, "strategy": req.strategy})
         status = await self._wake(dispatch)
         return SubmitReply(run_id=run_id, dispatch_id=dispatch_id, thread_id=req.thread_id, status=status)

@@ -77,6 +77,7 @@ class Execution:
     cancel_reason: CancelReason | None = None
     lease_until: int = 0
     renewal_now: asyncio.Event = field(default_factory=asyncio.Event)
+    handler_done: bool = False
 
 
 class WorkerManager:
@@ -358,6 +359,10 @@ class WorkerManager:
             ) as span:
                 outcome = await self._run_handler(execution, context)
                 span.set_attribute("mailbox.outcome", outcome.kind)
+            execution.handler_done = True  # live commands from now on find no run to take them
+            if live is not None:
+                await _unsubscribe(live)
+                live = None
             await self._settle_run(execution, instance, outcome)
         except Exception:
             log.exception("event=execution_failed dispatch=%s", d.dispatch_id)
@@ -365,10 +370,7 @@ class WorkerManager:
             self.metrics.active_runs.dec()
             renewal.cancel()
             if live is not None:
-                try:
-                    await live.unsubscribe()
-                except Exception:
-                    pass
+                await _unsubscribe(live)
             self._finish(execution)
 
     async def _run_handler(self, execution: Execution, context: RunContext) -> _Outcome:
@@ -567,6 +569,8 @@ class WorkerManager:
         d = execution.dispatch
         if command is None:
             return LiveReply(delivered=False, reason="malformed command")
+        if execution.handler_done:
+            return LiveReply(delivered=False, reason="the run has finished", run_id=d.run_id)
         if command.run_id and command.run_id != d.run_id:
             return LiveReply(delivered=False, reason=f"run '{d.run_id}' is active, not '{command.run_id}'")
         if command.command == "cancel":
@@ -684,6 +688,13 @@ class WorkerManager:
 
 
 _OUTCOME_LABELS = {"ok": "completed", "transient": "transient_error", "permanent": "permanent_error"}
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception:  # the connection may be gone; the server drops the interest then
+        pass
 
 
 @dataclass

@@ -26,6 +26,8 @@ from ..model import (
     RunDispatchResult,
     RunRecord,
     RunStatus,
+    StoreError,
+    StoreUnavailableError,
     ValidationError,
     validate_for_enqueue,
     validate_id,
@@ -355,8 +357,19 @@ class ThreadStore(ABC):
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
         await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run))
-        if dispatch is not None:
+        if dispatch is None:
+            return
+        try:
             await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch))
+        except StoreUnavailableError:
+            raise  # the dispatch may have landed: leave the run; recovery enqueues it if not
+        except StoreError:
+            # the dispatch was refused (a dedupe key taken meanwhile, say): a run left behind
+            # would be re-enqueued by recovery, so take it back while it is still ours alone
+            await self._run_op(
+                run.thread_id, run.run_id, lambda existing: RunChange(None, delete=existing == run)
+            )
+            raise
 
     async def load_run(self, run_id: str) -> RunRecord | None:
         thread_id = await self._thread_of("run", run_id)

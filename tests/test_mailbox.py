@@ -1,0 +1,68 @@
+"""Control-plane edge cases: refusals change nothing, races on dedupe keys, live commands
+after a run ended."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.app import start_pod
+from service.handlers import RunContext
+from service.model import AlreadyExistsError, RunStatus
+from service.protocol import SubmitRequest
+
+from .conftest import unique_prefix
+from .pods import fast_settings, submit, wait_for, wait_runs
+from .test_worker import _run_status
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix("mb")
+
+
+async def test_a_refused_interrupting_submit_interrupts_nothing(nats_url, prefix):
+    gate = asyncio.Event()
+
+    async def blocks(run: RunContext):
+        await gate.wait()
+        return run.input
+
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=blocks, start_api=False)
+    try:
+        await submit(pod, "t1", "x", dispatch_id="taken")
+        active = await submit(pod, "t2", "busy")
+        await wait_for(lambda: _run_status(pod, active, RunStatus.RUNNING))
+        with pytest.raises(AlreadyExistsError):
+            await pod.mailbox.submit(SubmitRequest(thread_id="t2", input="y", strategy="interrupt", dispatch_id="taken"))
+        assert await pod.store.current_dispatch_epoch("t2") == 0
+        assert (await pod.store.load_run(active)).status == RunStatus.RUNNING
+    finally:
+        gate.set()
+        await pod.stop()
+
+
+async def test_concurrent_submits_with_one_dedupe_key_make_one_run(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler="echo", start_worker=False, start_api=False)
+    try:
+        replies = await asyncio.gather(
+            *(pod.mailbox.submit(SubmitRequest(thread_id="t", input=i, dedupe_key="once")) for i in range(8))
+        )
+        assert len({r.run_id for r in replies}) == 1
+        assert sum(not r.duplicate for r in replies) == 1
+        runs = await pod.store.scan_runs([RunStatus.CREATED])
+        assert [r.run_id for r in runs] == [replies[0].run_id]  # no orphan run for recovery to revive
+    finally:
+        await pod.stop()
+
+
+async def test_live_input_to_a_finished_run_is_not_delivered(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler="echo", start_api=False)
+    try:
+        run_id = await submit(pod, "t", "hi")
+        await wait_runs(pod, [run_id])
+        reply = await pod.mailbox.send(thread_id="t", data="late")
+        assert not reply.delivered
+    finally:
+        await pod.stop()
