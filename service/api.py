@@ -32,6 +32,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.micro.request import Request
 from nats.micro.service import Endpoint, Service, ServiceConfig
+from opentelemetry import context as otel_context
 
 from . import __version__
 from .config import Settings
@@ -79,6 +80,7 @@ from .protocol import (
     SubmitRequest,
 )
 from .store import DispatchStore
+from .tracing import carrier_from, context_from
 
 log = logging.getLogger("mailbox.api")
 
@@ -248,8 +250,16 @@ class MailboxApi:
             e.name: getattr(self, f"_{e.name}") for e in ENDPOINTS
         }
 
-    async def call(self, name: str, body: bytes) -> bytes:
-        """Serve one request: decode strictly, run, encode the reply. Raises ApiError only."""
+    async def call(self, name: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+        """Serve one request: decode strictly, run, encode the reply. Raises ApiError only.
+        The caller's trace context (traceparent header) is the current context meanwhile."""
+        token = otel_context.attach(context_from(carrier_from(headers)))
+        try:
+            return await self._call(name, body)
+        finally:
+            otel_context.detach(token)
+
+    async def _call(self, name: str, body: bytes) -> bytes:
         try:
             if name not in self._handlers:
                 raise ApiError(404, f"unknown endpoint {name!r}")
@@ -481,7 +491,7 @@ class ApiService(Service):
         error: ApiError | None = None
         try:
             try:
-                reply = await self.api.call(name, request.data)
+                reply = await self.api.call(name, request.data, request.headers)
             except ApiError as exc:
                 error = exc
             if not request._msg.reply:

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .api import start_api as start_api_service
 from .config import Settings
 from .connection import ConnectError, connect, connect_options  # noqa: F401  (re-exported)
 from .events import EventStream
 from .handlers import Handler, load_handler
+from .health import HttpEndpoints, text
 from .mailbox import Mailbox
+from .metrics import Metrics
 from .signals import Signals
 from .store import NatsDispatchStore
+from .tracing import tracer_from_env
 from .worker import WorkerManager, wall_clock_ms
 
 log = logging.getLogger("mailbox.app")
@@ -34,14 +38,45 @@ class Pod:
     worker: WorkerManager
     mailbox: Mailbox
     settings: Settings
+    metrics: Metrics
     api: Any = None
     """The `mailbox` micro service (service.api.ApiService) when started with `start_api=True`."""
+    http: list[HttpEndpoints] = field(default_factory=list)
+    """/metrics and /healthz, /readyz servers when started with `serve_http=True`."""
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready = NATS connected, streams and bucket verified (done at start), worker loop running."""
+        if not self.nc.is_connected:
+            return False, "nats disconnected"
+        if self.worker.signals is not None and self.mailbox.worker is not None and not self.worker.signal_loop_running:
+            return False, "worker loop not running"
+        return True, "ready"
+
+    async def serve_http(self) -> None:
+        """Start /metrics (MAILBOX_METRICS_PORT) and /healthz, /readyz (MAILBOX_HEALTH_PORT)."""
+
+        async def metrics() -> tuple[int, str, bytes]:
+            return 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+
+        async def healthz() -> tuple[int, str, bytes]:
+            return text(200, "ok\n")
+
+        async def readyz() -> tuple[int, str, bytes]:
+            ok, why = self.ready()
+            return text(200 if ok else 503, why + "\n")
+
+        self.http.append(await HttpEndpoints({"/metrics": metrics}, port=self.settings.metrics_port).start())
+        self.http.append(
+            await HttpEndpoints({"/healthz": healthz, "/readyz": readyz}, port=self.settings.health_port).start()
+        )
 
     async def stop(self, drain_timeout_ms: int | None = None) -> None:
         """Graceful: stop the API (requests in flight finish), drain the worker, then close everything."""
         if self.api is not None:
             await self.api.stop()
         await self.worker.stop(drain_timeout_ms)
+        for server in self.http:
+            await server.stop()
         await self.events.close()
         await self.signals.close()
         await self.store.close()
@@ -77,9 +112,14 @@ async def start_pod(
     start_worker: bool = True,
     recover: bool = True,
     start_api: bool = True,
+    serve_http: bool = False,
+    tracer: Any = None,
 ) -> Pod:
-    """Connect and start one pod (with the `mailbox` micro service unless `start_api=False`)."""
+    """Connect and start one pod (with the `mailbox` micro service unless `start_api=False`;
+    with its /metrics, /healthz and /readyz endpoints if `serve_http`)."""
     nc = await connect(settings, url)
+    metrics = Metrics()
+    tracer = tracer or tracer_from_env()
     try:
         store = await NatsDispatchStore.connect(nc, prefix=settings.prefix, replicas=settings.replicas)
         signals = Signals(nc, settings.prefix)
@@ -101,6 +141,8 @@ async def start_pod(
             nc=nc,
             consumer_id=consumer_id,
             clock=clock,
+            metrics=metrics,
+            tracer=tracer,
         )
         mailbox = Mailbox(
             store=store,
@@ -112,10 +154,15 @@ async def start_pod(
             max_payload=settings.max_payload,
             default_max_attempts=settings.max_attempts,
             clock=clock,
+            tracer=tracer,
+            metrics=metrics,
         )
         if start_worker:
             await worker.start(recover=recover)
-        pod = Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox, settings=settings)
+        pod = Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox,
+                  settings=settings, metrics=metrics)
+        if serve_http:
+            await pod.serve_http()
         if start_api:
             try:
                 pod.api = await start_api_service(pod)

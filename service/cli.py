@@ -44,12 +44,6 @@ EMBEDDED_PORT = 4222
 
 _EXIT_BY_CODE = {400: EXIT_USAGE, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT, 503: EXIT_UNAVAILABLE}
 
-Sidecar = Callable[[Any], Awaitable[Callable[[], Awaitable[None]] | None]]
-SIDECARS: list[Sidecar] = []
-"""Hook for `serve`: each entry is `async def start(pod) -> stop | None`, started after the
-pod and the API are up and stopped (in reverse order) before the pod stops. The metrics
-(MAILBOX_METRICS_PORT) and health (MAILBOX_HEALTH_PORT) HTTP servers plug in here."""
-
 _json = msgspec.json.Encoder()
 
 
@@ -755,7 +749,6 @@ async def serve(args: argparse.Namespace, out: Output) -> int:
     lock = None
     nats_dir = Path(settings.data_dir) / "nats"
     pod = None
-    stoppers: list[Callable[[], Awaitable[None]]] = []
     try:
         url = settings.nats_url
         if not url:
@@ -786,7 +779,7 @@ async def serve(args: argparse.Namespace, out: Output) -> int:
         from .connection import ConnectError
 
         try:
-            pod = await _until(stop, start_pod(settings, url=url))
+            pod = await _until(stop, start_pod(settings, url=url, serve_http=True))
         except ConnectError as exc:
             print(f"cannot connect to NATS: {exc}", file=out.err, flush=True)
             return EXIT_UNAVAILABLE
@@ -798,23 +791,20 @@ async def serve(args: argparse.Namespace, out: Output) -> int:
             return EXIT_USAGE
         if pod is None:
             return EXIT_OK  # stopped while connecting
-        for start in SIDECARS:
-            stopper = await start(pod)
-            if stopper is not None:
-                stoppers.append(stopper)
+        metrics_url = f"http://127.0.0.1:{pod.http[0].port}/metrics"
+        health_url = f"http://127.0.0.1:{pod.http[1].port}"
         where = f"mailbox {__version__} serving the API on {mask_url(url)} with prefix '{settings.prefix}' (subjects {settings.prefix}.api.*)"
         if out.as_json:
-            out.doc({"event": "serving", "url": url, "prefix": settings.prefix, "version": __version__,
-                     "embedded": server is not None, "handler": settings.handler})
+            out.doc({"event": "serving", "url": mask_url(url), "prefix": settings.prefix, "version": __version__,
+                     "embedded": server is not None, "handler": settings.handler,
+                     "metrics": metrics_url, "health": health_url})
         else:
             out.line(where + (", embedded nats-server" if server is not None else "") + f"; handler {settings.handler}")
+            out.line(f"metrics {metrics_url}   health {health_url}/healthz  {health_url}/readyz")
         await stop.wait()
         log.info("event=stopping")
         return EXIT_OK
     finally:
-        for stopper in reversed(stoppers):
-            with contextlib.suppress(Exception):
-                await stopper()
         if pod is not None:
             await pod.stop()
         if server is not None:

@@ -57,6 +57,7 @@ from .protocol import (
     SubmitReply,
     SubmitRequest,
 )
+from .tracing import current_carrier
 
 log = logging.getLogger("mailbox.client")
 
@@ -221,7 +222,8 @@ class MailboxClient:
         """nc.request, but a reconnect while waiting ends the wait at once (the reply to a
         request sent before a disconnect is lost; waiting for the timeout gains nothing)."""
         reconnects = self.nc.stats["reconnects"]
-        task = asyncio.ensure_future(self.nc.request(subject, body, timeout=timeout))
+        headers = current_carrier() or None  # the caller's trace context travels with the request
+        task = asyncio.ensure_future(self.nc.request(subject, body, timeout=timeout, headers=headers))
         try:
             while True:
                 done, _ = await asyncio.wait([task], timeout=0.25)

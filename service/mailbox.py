@@ -41,6 +41,7 @@ from .protocol import (
     SubmitReply,
     SubmitRequest,
 )
+from .metrics import Metrics
 from .signals import Signals
 from .tracing import context_from, current_carrier
 from .store import DispatchStore
@@ -96,6 +97,7 @@ class Mailbox:
         default_max_attempts: int = 5,
         clock: Callable[[], int] | None = None,
         tracer: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -108,6 +110,7 @@ class Mailbox:
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.new_id = IdGenerator()
         self.tracer = tracer or trace.NoOpTracer()
+        self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------------ submit
 
@@ -116,10 +119,16 @@ class Mailbox:
         `trace_headers` (traceparent/tracestate of the caller) become the submit span's parent."""
         with self.tracer.start_as_current_span(
             "mailbox.submit",
-            context=context_from(trace_headers),
+            context=context_from(trace_headers) if trace_headers else None,
             attributes={"mailbox.thread_id": req.thread_id, "mailbox.strategy": req.strategy},
         ):
-            return await self._submit(req)
+            try:
+                reply = await self._submit(req)
+            except Exception:
+                self.metrics.submits.labels(req.strategy, "error").inc()
+                raise
+            self.metrics.submits.labels(req.strategy, "duplicate" if reply.duplicate else "ok").inc()
+            return reply
 
     async def _submit(self, req: SubmitRequest) -> SubmitReply:
         self._validate_submit(req)
@@ -143,9 +152,7 @@ class Mailbox:
         if req.strategy == "reject" and busy:
             raise ConflictError(f"thread '{req.thread_id}' has {len(busy)} queued or active dispatch(es)", field="strategy")
         if req.strategy == "steer":
-            reply = await live.deliver(
-                self.nc, self.prefix, req.thread_id, live.LiveCommand(command="input", data=req.input)
-            ) if self.nc is not None else live.LiveReply(delivered=False)
+            reply = await self._live(req.thread_id, live.LiveCommand(command="input", data=req.input))
             if reply.delivered and reply.run_id:
                 active = next((d for d in busy if d.status == DispatchStatus.CLAIMED and d.run_id == reply.run_id), None)
                 return SubmitReply(
@@ -243,7 +250,7 @@ class Mailbox:
                 return "running"
         if self.signals is not None:
             try:
-                await self.signals.publish(dispatch.thread_id, dispatch.dispatch_id)
+                await self.signals.publish(dispatch.thread_id, dispatch.dispatch_id, headers=current_carrier())
             except Exception as exc:  # durable already; the sweeper republishes
                 log.warning("event=signal_publish_failed dispatch=%s error=%r desc=%s", dispatch.dispatch_id, exc, getattr(exc, "description", ""))
         return "queued"
@@ -375,7 +382,9 @@ class Mailbox:
     async def _live(self, thread_id: str, command: live.LiveCommand) -> live.LiveReply:
         if self.nc is None:
             return live.LiveReply(delivered=False, reason="no live channel")
-        return await live.deliver(self.nc, self.prefix, thread_id, command)
+        reply = await live.deliver(self.nc, self.prefix, thread_id, command)
+        self.metrics.live_deliveries.labels("delivered" if reply.delivered else "not_delivered").inc()
+        return reply
 
     # ------------------------------------------------------------------ dead letters
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from . import retry
@@ -26,7 +27,7 @@ from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .metrics import Metrics
-from .tracing import context_from
+from .tracing import carrier_from, context_from
 from .model import (
     RUN_SUPERSEDED,
     DispatchStatus,
@@ -241,6 +242,7 @@ class WorkerManager:
     async def _handle_signal(self, signal: Signal) -> None:
         """Settle one signal by the table of DESIGN.md §2.2. Never raises."""
         receipt = signal.receipt
+        token = otel_context.attach(context_from(carrier_from(signal.headers)))  # the submitter's trace
         try:
             if receipt.deliveries > 1:
                 self.signal_stats["redelivered"] += 1
@@ -260,6 +262,8 @@ class WorkerManager:
                 await receipt.nak()
             except Exception:
                 log.warning("event=signal_nak_failed error=%r", exc)
+        finally:
+            otel_context.detach(token)
 
     async def _settle_unclaimed(self, signal: Signal) -> None:
         receipt = signal.receipt

@@ -37,6 +37,8 @@ def cli_env(url: str | None, prefix: str | None, **extra: str) -> dict[str, str]
         env["MAILBOX_NATS_URL"] = url
     if prefix:
         env["MAILBOX_PREFIX"] = prefix
+    env["MAILBOX_METRICS_PORT"] = "0"  # any free port: tests run servers side by side
+    env["MAILBOX_HEALTH_PORT"] = "0"
     env.update(extra)
     return env
 
@@ -399,8 +401,11 @@ async def test_serve_json_line_and_sigint(nats_url):
     env = cli_env(nats_url, prefix)
     async with serving(env, "--json") as (proc, line):
         doc = json.loads(line)
+        metrics, health = doc.pop("metrics"), doc.pop("health")
         assert doc == {"event": "serving", "url": nats_url, "prefix": prefix, "version": "0.1.0", "embedded": False,
                        "handler": "echo"}
+        assert metrics.startswith("http://127.0.0.1:") and metrics.endswith("/metrics")
+        assert health.startswith("http://127.0.0.1:")
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
 
