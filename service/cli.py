@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Create a run on THREAD. INPUT is parsed as JSON when it is valid JSON (42, true, {\"a\": 1}), "
         "else taken as text; '-' reads it from stdin.",
     )
-    p.add_argument("thread", metavar="THREAD", help="the thread id (the serialization key)")
-    p.add_argument("input", metavar="INPUT", nargs="?", default=None, help="the run's input (JSON or text; '-' = stdin)")
+    p.add_argument("positional", metavar="THREAD INPUT", nargs="*",
+                   help="the thread id (the serialization key), then the run's input (JSON or text; '-' = stdin)")
+    p.add_argument("--thread", "-t", metavar="THREAD", help="the thread id, instead of the first positional argument")
     p.add_argument("--text", action="store_true", help="take INPUT as text even if it parses as JSON")
     p.add_argument(
         "--strategy", choices=["enqueue", "interrupt", "reject", "steer"], default="enqueue",
@@ -452,7 +453,19 @@ def _dispatch_line(d: Any) -> str:
     return "  ".join(parts)
 
 
+def _thread_and_input(args: argparse.Namespace) -> tuple[str, str | None]:
+    """`submit THREAD [INPUT]` or `submit --thread THREAD [INPUT]`."""
+    rest = list(args.positional)
+    thread = args.thread if args.thread is not None else (rest.pop(0) if rest else None)
+    if thread is None:
+        raise UsageError("give the thread: `mailbox submit THREAD INPUT` or `mailbox submit --thread THREAD INPUT`")
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(rest[1:])} (quote an input with spaces)")
+    return thread, rest[0] if rest else None
+
+
 async def cmd_submit(client: Any, args: argparse.Namespace, out: Output) -> int:
+    args.thread, args.input = _thread_and_input(args)
     reply = await client.submit(
         args.thread,
         parse_value(args.input, text=args.text),

@@ -318,8 +318,10 @@ async def test_exit_codes_scripts_can_rely_on(nats_url):
         assert code == 2 and json.loads(err)["error"]["field"] == "priority"
         code, _, err = await mailbox("submit", "t", "--meta", "novalue", env=env)
         assert code == 2 and "KEY=VALUE" in err
-        code, _, err = await mailbox("submit", env=env)  # argparse: missing THREAD
-        assert code == 2 and "usage:" in err
+        code, _, err = await mailbox("submit", env=env)  # missing THREAD
+        assert code == 2 and "give the thread" in err
+        code, out, err = await mailbox("submit", "--thread", "t-opt", "hello", "--json", env=env)
+        assert code == 0 and json.loads(out)["thread_id"] == "t-opt", err
         code, _, err = await mailbox("frobnicate", env=env)
         assert code == 2
         _, out, _ = await mailbox("submit", "busy", '{"do": "block"}', "--json", env=env)
