@@ -44,6 +44,19 @@ class Pod:
     http: list[HttpEndpoints] = field(default_factory=list)
     """/metrics and /healthz, /readyz servers when started with `serve_http=True`."""
 
+    def nats_requests(self) -> dict[str, int]:
+        """NATS requests this pod made so far, by kind (a cost measure: round trips)."""
+        st = self.store.stats
+        return {
+            "thread_read": st.snapshots,
+            "key_read": st.gets,
+            "write": st.publishes,
+            "atomic_batch": st.batches,
+            "signal_publish": self.signals.published,
+            "signal_fetch": self.signals.fetches,
+            "event_publish": self.events.published,
+        }
+
     def ready(self) -> tuple[bool, str]:
         """Ready = NATS connected, streams and bucket verified (done at start), worker loop running."""
         if not self.nc.is_connected:
@@ -161,6 +174,7 @@ async def start_pod(
             await worker.start(recover=recover)
         pod = Pod(nc=nc, store=store, signals=signals, events=events, worker=worker, mailbox=mailbox,
                   settings=settings, metrics=metrics)
+        metrics.count_nats_requests(pod.nats_requests)
         if serve_http:
             await pod.serve_http()
         if start_api:

@@ -164,10 +164,19 @@ class NatsServer:
 
 @dataclass
 class NatsCluster:
-    """A 3-node (or N-node) JetStream cluster on loopback ports."""
+    """A 3-node (or N-node) JetStream cluster on loopback ports.
+
+    `start()` launches the nodes; `await wait_jetstream()` waits until the JetStream meta
+    group has a leader and an R3 stream can be created. Fault helpers address a node by its
+    server name (`NatsServer.name`, which is what `$JS.API.STREAM.INFO` reports as
+    `cluster.leader`): `kill_node`, `pause_node`/`resume_node`, `stop_node`, `start_node`,
+    `restart_node`; `await stream_leader(stream)` names the node leading a stream.
+    Clients connect with `urls` (a list: nats-py does not split a comma-separated string).
+    """
 
     size: int = 3
     nodes: list[NatsServer] = field(default_factory=list)
+    log_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.nodes:
@@ -176,8 +185,9 @@ class NatsCluster:
         routes = [f"nats-route://127.0.0.1:{p}" for p in cluster_ports]
         name = f"c{cluster_ports[0]}"
         for i, cp in enumerate(cluster_ports):
+            log_file = os.path.join(self.log_dir, f"{name}-n{i}.log") if self.log_dir else None
             self.nodes.append(
-                NatsServer(name=f"{name}-n{i}", cluster_name=name, cluster_port=cp, routes=routes)
+                NatsServer(name=f"{name}-n{i}", cluster_name=name, cluster_port=cp, routes=routes, log_file=log_file)
             )
 
     @property
@@ -187,6 +197,10 @@ class NatsCluster:
     @property
     def url(self) -> str:
         return ",".join(self.urls)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
 
     def start(self, wait: float = 30.0) -> NatsCluster:
         for n in self.nodes:
@@ -201,6 +215,131 @@ class NatsCluster:
                 return n
         raise KeyError(name)
 
+    # -- faults, by server name ------------------------------------------------------------
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL (a crash: no lame duck, no flush)."""
+        self.node_named(name).kill()
+
+    def stop_node(self, name: str) -> None:
+        """SIGTERM (graceful shutdown)."""
+        self.node_named(name).stop()
+
+    def start_node(self, name: str, wait: float = 30.0) -> None:
+        """Start a stopped or killed node again, with its data and ports."""
+        self.node_named(name).start(wait)
+
+    def restart_node(self, name: str, wait: float = 30.0, *, kill: bool = False) -> None:
+        node = self.node_named(name)
+        node.kill() if kill else node.stop()
+        node.start(wait)
+
+    def pause_node(self, name: str) -> None:
+        """SIGSTOP: the node hangs (its peers and clients see it time out, not close)."""
+        self.node_named(name).pause()
+
+    def resume_node(self, name: str) -> None:
+        self.node_named(name).resume()
+
+    @property
+    def running_names(self) -> list[str]:
+        return [n.name for n in self.nodes if n.running]
+
+    # -- JetStream state (async; each opens a short connection unless given one) -----------
+
+    async def _with_client(self, nc: object, fn):  # type: ignore[no-untyped-def]
+        if nc is not None:
+            return await fn(nc)
+        import nats
+
+        running = [n.url for n in self.nodes if n.running] or self.urls
+        own = await nats.connect(running, connect_timeout=2, max_reconnect_attempts=2, reconnect_time_wait=0.2)
+        try:
+            return await fn(own)
+        finally:
+            await own.close()
+
+    async def wait_jetstream(self, timeout: float = 60.0, nc: object = None) -> None:
+        """Wait until the JetStream meta group has a leader (`$JS.API.INFO` answers) and an
+        R<size> stream can be created (and deleted again)."""
+        import json as _json
+
+        deadline = time.monotonic() + timeout
+        probe = f"probe{os.getpid()}x{free_port()}"
+
+        async def check(client) -> None:  # type: ignore[no-untyped-def]
+            last = "no answer"
+            while time.monotonic() < deadline:
+                try:
+                    info = _json.loads((await client.request("$JS.API.INFO", b"", timeout=2)).data)
+                    if "error" in info:
+                        raise RuntimeError(info["error"])
+                    cfg = _json.dumps({"name": probe, "subjects": [f"{probe}.>"], "num_replicas": self.size,
+                                       "storage": "memory"})
+                    created = _json.loads(
+                        (await client.request(f"$JS.API.STREAM.CREATE.{probe}", cfg.encode(), timeout=5)).data
+                    )
+                    if "error" in created:
+                        raise RuntimeError(created["error"])
+                    await client.request(f"$JS.API.STREAM.DELETE.{probe}", b"", timeout=5)
+                    return
+                except Exception as exc:  # no meta leader yet, no responders, timeouts
+                    last = repr(exc)
+                    await _asleep(0.25)
+            raise EmbeddedServerError(f"JetStream cluster not ready after {timeout}s: {last}")
+
+        await self._with_client(nc, check)
+
+    async def stream_info(self, stream: str, nc: object = None) -> dict:
+        """The raw `$JS.API.STREAM.INFO.<stream>` reply (a dict; `cluster.leader` is a server name)."""
+        import json as _json
+
+        async def ask(client) -> dict:  # type: ignore[no-untyped-def]
+            return _json.loads((await client.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=3)).data)
+
+        return await self._with_client(nc, ask)
+
+    async def stream_leader(self, stream: str, timeout: float = 30.0, nc: object = None) -> str:
+        """The server name of the stream's current leader (waits while it is being elected)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                info = await self.stream_info(stream, nc)
+                leader = (info.get("cluster") or {}).get("leader")
+                if leader:
+                    return leader
+                last = repr(info.get("error") or info.get("cluster"))
+            except Exception as exc:
+                last = repr(exc)
+            await _asleep(0.2)
+        raise EmbeddedServerError(f"stream {stream} has no leader after {timeout}s: {last}")
+
+    async def wait_stream_current(self, stream: str, timeout: float = 60.0, nc: object = None) -> None:
+        """Wait until the stream has a leader and every replica is current (caught up)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                info = await self.stream_info(stream, nc)
+                cl = info.get("cluster") or {}
+                replicas = cl.get("replicas") or []
+                if cl.get("leader") and len(replicas) == self.size - 1 and all(
+                    r.get("current") and not r.get("offline") for r in replicas
+                ):
+                    return
+                last = repr(cl)
+            except Exception as exc:
+                last = repr(exc)
+            await _asleep(0.25)
+        raise EmbeddedServerError(f"stream {stream} not current after {timeout}s: {last}")
+
     def cleanup(self) -> None:
         for n in self.nodes:
             n.cleanup()
+
+
+async def _asleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)

@@ -161,6 +161,7 @@ class EventStream:
         self.prefix = prefix
         self.stream = f"{prefix}-events"
         self._reader = _BatchReader(nc, self.stream, timeout)
+        self.published = 0
 
     async def ensure(self, *, replicas: int, max_age_ms: int) -> None:
         config = StreamConfig(
@@ -191,6 +192,7 @@ class EventStream:
     async def publish(self, event: Event, headers: dict[str, str] | None = None) -> int:
         """Publish durably; returns the stream sequence."""
         subject = keys.events_subject(self.prefix, event.thread_id, event.run_id)
+        self.published += 1
         ack = await self.js.publish(subject, _encode(event), headers=headers)
         return ack.seq
 

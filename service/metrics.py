@@ -10,7 +10,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -67,3 +71,18 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def count_nats_requests(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export `counts()` (NATS requests made, by kind) as `mailbox_nats_requests_total`."""
+        self.registry.register(_RequestCounts(counts))
+
+
+class _RequestCounts(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily("mailbox_nats_requests", "NATS requests this pod made, by kind", labels=["kind"])
+        for kind, n in self.counts().items():
+            family.add_metric([kind], n)
+        yield family

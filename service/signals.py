@@ -81,6 +81,8 @@ class Signals:
         self.subjects = f"{prefix}.signal.>"
         self._psub = None
         self.garbage = 0
+        self.published = 0
+        self.fetches = 0
 
     def stream_config(self, replicas: int) -> StreamConfig:
         return StreamConfig(
@@ -149,6 +151,7 @@ class Signals:
         payload = _encode(_Payload(thread_id, dispatch_id))
         for attempt in range(4):
             try:
+                self.published += 1
                 ack = await self.js.publish(subject, payload, headers=h or None)
                 return not ack.duplicate
             except nats.js.errors.APIError as exc:
@@ -175,6 +178,7 @@ class Signals:
         """Up to `batch` signals, waiting at most `expires_ms`. Never cancel this call from
         outside: nats-py would drop messages it already took (they then wait for ack_wait)."""
         psub = await self._subscription()
+        self.fetches += 1
         try:
             msgs = await psub.fetch(batch, timeout=expires_ms / 1000)
         except asyncio.TimeoutError:  # nats-py raises its own and plain TimeoutErrors: both mean "none"

@@ -69,6 +69,8 @@ async def test_metrics_count_what_happened(nats_url):
         assert sample(text, "mailbox_dispatch_depth", status="acked") == 6
         assert sample(text, "mailbox_active_runs") == 0
         assert "mailbox_lease_renewals_total" in text and "mailbox_live_deliveries_total" in text
+        assert sample(text, "mailbox_nats_requests_total", kind="write") >= 6 * 3  # claim, start, complete
+        assert sample(text, "mailbox_nats_requests_total", kind="event_publish") >= 6 * 2
         status, _ = await http_get(pod.http[0].port, "/nope")
         assert status == 404
     finally:

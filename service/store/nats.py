@@ -561,6 +561,7 @@ class NatsDispatchStore(ThreadStore):
     async def _get_last(self, key: str) -> _Entry | None:
         """Direct get of a key's last message (tombstones included), or None if it has none."""
         deadline = time.monotonic() + self._unavailable_after
+        self.stats.gets += 1
         while True:
             try:
                 msg = await self.nc.request(f"{self._direct}.{self._kv}{key}", b"", timeout=self._timeout)
@@ -633,6 +634,7 @@ class StoreStats:
 
     def __init__(self) -> None:
         self.snapshots = 0
+        self.gets = 0
         self.publishes = 0
         self.batches = 0
         self.conflicts = 0
