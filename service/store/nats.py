@@ -132,6 +132,7 @@ class NatsDispatchStore(ThreadStore):
         self._alias_cache: OrderedDict[tuple[AliasKind, str], str] = OrderedDict()
         self._threads: OrderedDict[str, tuple[ThreadState, int]] = OrderedDict()  # our last commits
         self._runs: OrderedDict[str, tuple[RunRecord, int]] = OrderedDict()
+        self._locks: dict[str, _ThreadLock] = {}
         self._high_water = 0  # highest stream sequence we committed: reads must not be older
         self.stats = StoreStats()
 
@@ -223,6 +224,22 @@ class NatsDispatchStore(ThreadStore):
     # ------------------------------------------------------------------ primitives
 
     async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+        # Changes to one thread from this process queue up here instead of racing each other
+        # through the guard (128 concurrent submits to one thread otherwise mostly conflict);
+        # other processes still race, and the guard settles those.
+        lock = self._locks.get(thread_id)
+        if lock is None:
+            lock = self._locks[thread_id] = _ThreadLock()
+        lock.users += 1
+        try:
+            async with lock:
+                return await self._thread_op_locked(thread_id, decide)
+        finally:
+            lock.users -= 1
+            if not lock.users:
+                del self._locks[thread_id]
+
+    async def _thread_op_locked(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
         deadline = time.monotonic() + self._unavailable_after
         attempt = 0
         cached = self._threads.get(thread_id)
@@ -627,6 +644,14 @@ class NatsDispatchStore(ThreadStore):
             if status != 204 or len(msgs) < page or not msgs:
                 return out
             seq = out[-1].seq + 1
+
+
+class _ThreadLock(asyncio.Lock):
+    """A per-thread lock that knows how many tasks use it (dropped when none do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users = 0
 
 
 class StoreStats:

@@ -1,0 +1,476 @@
+"""`make bench`: the scenarios of issue 7, against a nats-server of our own, one service
+process (`mailbox serve` with a no-op handler) and this process as the load.
+
+Prints a table and writes docs/performance.md and docs/performance.png. Every scenario
+runs on a fresh prefix of the same server; the baselines run on the same server in the
+same run, so ratios survive a noisy machine.
+
+    python -m benchmarks.run [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from service.client import MailboxClient
+from service.embedded import NatsServer, free_port
+from service.model import DispatchStatus, RunDispatch, RunRecord
+from service.natsclient import connect
+from service.store import NatsDispatchStore, keys
+
+from .baseline import raw_kv_pattern, raw_work_queue
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ---------------------------------------------------------------------- the service process
+
+
+class Service:
+    """`mailbox serve` in its own process, on a prefix of its own."""
+
+    def __init__(self, url: str, prefix: str, **env: str) -> None:
+        self.prefix = prefix
+        self.metrics_port = free_port()
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILBOX_")}
+        environ.update(
+            MAILBOX_NATS_URL=url,
+            MAILBOX_PREFIX=prefix,
+            MAILBOX_HANDLER="benchmarks.noop:handle",
+            MAILBOX_CONCURRENCY="256",
+            MAILBOX_SIGNAL_BATCH="128",
+            MAILBOX_METRICS_PORT=str(self.metrics_port),
+            MAILBOX_HEALTH_PORT=str(free_port()),
+            MAILBOX_LOG_LEVEL="warning",
+            PYTHONPATH=str(ROOT),
+        )
+        environ.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--json", "serve"],
+            cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if b"serving" not in line:
+            raise RuntimeError(f"service did not start: {line!r}")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    async def metrics(self) -> dict[str, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        body = (await reader.read()).partition(b"\r\n\r\n")[2].decode()
+        writer.close()
+        out: dict[str, float] = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def nats_requests(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("mailbox_nats_requests_total"))
+
+
+# ---------------------------------------------------------------------- load
+
+
+@dataclass
+class Timeline:
+    submitted: dict[str, float] = field(default_factory=dict)  # run -> ms (load clock)
+    started: dict[str, float] = field(default_factory=dict)  # run -> ms (event ts, service clock)
+    finished: dict[str, float] = field(default_factory=dict)
+    finished_seen: dict[str, float] = field(default_factory=dict)  # run -> ms, when we heard it
+
+    def to_start(self, runs: list[str] | None = None) -> list[float]:
+        ids = runs if runs is not None else list(self.started)
+        return [self.started[r] - self.submitted[r] for r in ids if r in self.started and r in self.submitted]
+
+    def to_finish(self) -> list[float]:
+        return [self.finished[r] - self.submitted[r] for r in self.finished if r in self.submitted]
+
+
+class Load:
+    """A client plus a live tap on the run events (a core subscription: no consumer)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url, self.prefix = url, prefix
+        self.timeline = Timeline()
+        self.done = asyncio.Event()
+        self.expect = 0
+
+    async def __aenter__(self) -> Load:
+        self.client = await MailboxClient.connect(self.url, prefix=self.prefix, timeout=30)
+        self.tap = await connect(self.url)
+        decode = msgspec.json.Decoder(dict).decode
+        t = self.timeline
+
+        async def on_event(msg: Any) -> None:
+            e = decode(msg.data)
+            if e["kind"] == "started":
+                t.started.setdefault(e["run_id"], e["ts_ms"])
+            elif e["kind"] == "finished":
+                t.finished[e["run_id"]] = e["ts_ms"]
+                t.finished_seen[e["run_id"]] = now_ms()
+                if len(t.finished) >= self.expect:
+                    self.done.set()
+
+        await self.tap.subscribe(f"{self.prefix}.events.>", cb=on_event, pending_msgs_limit=-1)
+        await self.tap.flush()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.client.close()
+        await self.tap.close()
+
+    async def submit(self, thread: str, input: Any = None, **kw: Any) -> str:
+        sent = now_ms()
+        reply = await self.client.submit(thread, input, **kw)
+        self.timeline.submitted[reply.run_id] = sent
+        return reply.run_id
+
+    async def wait_all(self, n: int, timeout: float = 600) -> None:
+        self.expect = n
+        if len(self.timeline.finished) >= n:
+            return
+        self.done.clear()
+        await asyncio.wait_for(self.done.wait(), timeout)
+
+
+async def submit_burst(load: Load, n: int, threads: int, inflight: int = 256) -> None:
+    sem = asyncio.Semaphore(inflight)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await load.submit(f"t{i % threads}", i)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def submit_paced(load: Load, rate: float, seconds: float, threads: int, thread_of=None) -> int:
+    """Submit at `rate`/s for `seconds` (open loop: late replies never slow the pace)."""
+    n = int(rate * seconds)
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        thread = thread_of(i) if thread_of else f"t{random.randrange(threads)}"
+        tasks.append(asyncio.create_task(load.submit(thread, i)))
+    await asyncio.gather(*tasks)
+    return n
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+async def throughput(url: str, n: int, threads: int) -> dict[str, Any]:
+    svc = Service(url, f"bt{random.randrange(10**6)}")
+    try:
+        async with Load(url, svc.prefix) as load:
+            m0, cpu0 = await svc.metrics(), svc.cpu_seconds()
+            t0 = now_ms()
+            await submit_burst(load, n, threads)
+            submitted_at = now_ms()
+            await load.wait_all(n)
+            t1 = max(load.timeline.finished_seen.values())
+            m1, cpu1 = await svc.metrics(), svc.cpu_seconds()
+            to_start = load.timeline.to_start()
+            return {
+                "runs": n,
+                "threads": threads,
+                "runs_per_s": n / ((t1 - t0) / 1000),
+                "submits_per_s": n / ((submitted_at - t0) / 1000),
+                "start_p50_ms": pct(to_start, 0.5),
+                "start_p99_ms": pct(to_start, 0.99),
+                "nats_requests_per_run": (nats_requests(m1) - nats_requests(m0)) / n,
+                "cpu_us_per_run": (cpu1 - cpu0) * 1e6 / n,
+                "redeliveries_per_run": (m1.get("mailbox_signal_redelivery_total", 0)
+                                         - m0.get("mailbox_signal_redelivery_total", 0)) / n,
+            }
+    finally:
+        svc.stop()
+
+
+async def at_rate(url: str, rate: float, seconds: float, threads: int) -> dict[str, Any]:
+    svc = Service(url, f"br{random.randrange(10**6)}")
+    try:
+        async with Load(url, svc.prefix) as load:
+            t0 = now_ms()
+            n = await submit_paced(load, rate, seconds, threads)
+            await load.wait_all(n)
+            t1 = max(load.timeline.finished_seen.values())
+            to_start, to_finish = load.timeline.to_start(), load.timeline.to_finish()
+            return {
+                "offered_per_s": rate,
+                "achieved_per_s": n / ((t1 - t0) / 1000),
+                "start_p50_ms": pct(to_start, 0.5),
+                "start_p99_ms": pct(to_start, 0.99),
+                "finish_p50_ms": pct(to_finish, 0.5),
+                "finish_p99_ms": pct(to_finish, 0.99),
+            }
+    finally:
+        svc.stop()
+
+
+async def history(url: str, terminal: int, samples: int = 300) -> dict[str, Any]:
+    """Claim and submit latency with `terminal` terminal records in the bucket."""
+    prefix = f"bh{random.randrange(10**6)}"
+    store = await NatsDispatchStore.connect(url, prefix=prefix)
+    try:
+        nc = store.nc
+        for i in range(terminal):  # bulk, straight into the bucket
+            d = RunDispatch.queued(f"old{i}", f"old-thread{i % 5000}", f"old-run{i}", 1000)
+            d = msgspec.structs.replace(d, status=DispatchStatus.ACKED, completed_at=1000, updated_at=1000)
+            await nc.publish(f"$KV.{store.bucket}.{keys.dispatch_key(d.thread_id, d.dispatch_id)}",
+                             msgspec.json.encode(d))
+            if i % 5000 == 0:
+                await nc.flush()
+        await nc.flush()
+        claim_ms = []
+        for i in range(samples):
+            thread = f"fresh{i}"
+            await store.enqueue(RunDispatch.queued(f"d{i}", thread, f"r{i}", 1000))
+            store._threads.pop(thread, None)  # a cold claim: read the thread, as another pod would
+            t = time.perf_counter()
+            await store.claim(thread, "bench", 30_000, 2000, 1)
+            claim_ms.append((time.perf_counter() - t) * 1000)
+    finally:
+        await store.close()
+    svc = Service(url, prefix)
+    try:
+        async with Load(url, prefix) as load:
+            submit_ms = []
+            for i in range(samples):
+                t = time.perf_counter()
+                await load.submit(f"s{i}", i)
+                submit_ms.append((time.perf_counter() - t) * 1000)
+    finally:
+        svc.stop()
+    return {
+        "terminal_records": terminal,
+        "claim_p50_ms": pct(claim_ms, 0.5),
+        "claim_p99_ms": pct(claim_ms, 0.99),
+        "submit_p50_ms": pct(submit_ms, 0.5),
+        "submit_p99_ms": pct(submit_ms, 0.99),
+    }
+
+
+async def hot_thread(url: str, with_hot: bool, others: int = 999, per_other: int = 3, rate: float = 300) -> dict[str, Any]:
+    svc = Service(url, f"bx{random.randrange(10**6)}")
+    try:
+        async with Load(url, svc.prefix) as load:
+            m0 = await svc.metrics()
+            hot: list[str] = []
+            if with_hot:
+                sem = asyncio.Semaphore(128)
+
+                async def one(i: int) -> None:
+                    async with sem:
+                        hot.append(await load.submit("hot", i))
+
+                await asyncio.gather(*(one(i) for i in range(1000)))
+            n_other = int(others * per_other)
+            before = set(load.timeline.submitted)
+            await submit_paced(load, rate, n_other / rate, others, thread_of=lambda i: f"o{i % others}")
+            other_runs = [r for r in load.timeline.submitted if r not in before]
+            await load.wait_all(len(load.timeline.submitted))
+            m1 = await svc.metrics()
+            to_start = load.timeline.to_start(other_runs)
+            runs = len(load.timeline.submitted)
+            return {
+                "hot_thread": with_hot,
+                "runs": runs,
+                "redeliveries_per_run": (m1.get("mailbox_signal_redelivery_total", 0)
+                                         - m0.get("mailbox_signal_redelivery_total", 0)) / runs,
+                "others_start_p50_ms": pct(to_start, 0.5),
+                "others_start_p99_ms": pct(to_start, 0.99),
+            }
+    finally:
+        svc.stop()
+
+
+async def soak(url: str, n: int, threads: int) -> dict[str, Any]:
+    svc = Service(url, f"bs{random.randrange(10**6)}")
+    try:
+        async with Load(url, svc.prefix) as load:
+            rss = {}
+            for part in range(10):
+                await submit_burst(load, n // 10, threads)
+                await load.wait_all((part + 1) * (n // 10))
+                if part == 0:
+                    rss["10%"] = svc.rss_mb()
+            rss["100%"] = svc.rss_mb()
+            return {"runs": n, "rss_10pct_mb": rss["10%"], "rss_100pct_mb": rss["100%"],
+                    "growth_pct": 100 * (rss["100%"] - rss["10%"]) / rss["10%"]}
+    finally:
+        svc.stop()
+
+
+# ---------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    server = subprocess.run([str(Path(sys.prefix) / "bin" / "nats-server"), "--version"],
+                            capture_output=True, text=True).stdout.strip()
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {server}, {platform.system()} {platform.release()}"
+
+
+async def main(quick: bool) -> dict[str, Any]:
+    server = NatsServer().start()
+    results: dict[str, Any] = {"machine": machine(), "quick": quick}
+    scale = 0.1 if quick else 1.0
+    try:
+        url = server.url
+        print("baselines ...", flush=True)
+        results["raw_work_queue_per_s"] = await raw_work_queue(url, int(20_000 * scale))
+        results["raw_kv_pattern_per_s"] = await raw_kv_pattern(url, int(20_000 * scale))
+        print("throughput ...", flush=True)
+        results["throughput"] = await throughput(url, int(20_000 * scale), 1000)
+        top = results["throughput"]["runs_per_s"]
+        print("load curve ...", flush=True)
+        results["curve"] = [await at_rate(url, top * f, 5 if quick else 10, 1000) for f in (0.25, 0.5, 0.75, 0.9)]
+        results["half_load"] = results["curve"][1]
+        print("idle latency ...", flush=True)
+        results["idle"] = await at_rate(url, 200, 1.5, 1000)
+        print("history ...", flush=True)
+        results["history"] = [await history(url, t, 100 if quick else 300) for t in (1_000, 10_000 if quick else 100_000)]
+        print("hot thread ...", flush=True)
+        results["hot"] = [await hot_thread(url, False, per_other=1 if quick else 3),
+                          await hot_thread(url, True, per_other=1 if quick else 3)]
+        print("soak ...", flush=True)
+        results["soak"] = await soak(url, int(100_000 * scale), 1000)
+    finally:
+        server.cleanup()
+    return results
+
+
+def report(r: dict[str, Any]) -> str:
+    t, half, idle, soak_r = r["throughput"], r["half_load"], r["idle"], r["soak"]
+    h1, h2 = r["history"]
+    cold, hot = r["hot"]
+    ratio = t["runs_per_s"] / r["raw_kv_pattern_per_s"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    rows = [
+        ("end-to-end throughput", f"{t['runs_per_s']:.0f} runs/s ({t['runs']} runs, {t['threads']} threads)", "≥ 3000", verdict(t["runs_per_s"] >= 3000)),
+        ("ratio to the raw KV pattern", f"{ratio:.2f} (raw KV {r['raw_kv_pattern_per_s']:.0f}/s, raw work queue {r['raw_work_queue_per_s']:.0f}/s)", "≥ 0.3", verdict(ratio >= 0.3)),
+        ("submit→start under the burst", f"p50 {t['start_p50_ms']:.0f} ms, p99 {t['start_p99_ms']:.0f} ms", "", ""),
+        ("idle submit→start (200/s)", f"p50 {idle['start_p50_ms']:.1f} ms, p99 {idle['start_p99_ms']:.1f} ms", "p50 ≤ 2, p99 ≤ 10", verdict(idle["start_p50_ms"] <= 2 and idle["start_p99_ms"] <= 10)),
+        ("half load submit→start", f"{half['offered_per_s']:.0f}/s: p50 {half['start_p50_ms']:.1f} ms, p99 {half['start_p99_ms']:.1f} ms", "p99 ≤ 50", verdict(half["start_p99_ms"] <= 50)),
+        ("half load submit→finish", f"p50 {half['finish_p50_ms']:.1f} ms, p99 {half['finish_p99_ms']:.1f} ms", "", ""),
+        ("history: claim p50", f"{h1['claim_p50_ms']:.2f} ms @ {h1['terminal_records']:,} vs {h2['claim_p50_ms']:.2f} ms @ {h2['terminal_records']:,}", "≤ +20%", verdict(h2["claim_p50_ms"] <= 1.2 * h1["claim_p50_ms"])),
+        ("history: submit p50", f"{h1['submit_p50_ms']:.2f} ms vs {h2['submit_p50_ms']:.2f} ms", "≤ +20%", verdict(h2["submit_p50_ms"] <= 1.2 * h1["submit_p50_ms"])),
+        ("hot thread: redeliveries per run", f"{hot['redeliveries_per_run']:.3f}", "≤ 2", verdict(hot["redeliveries_per_run"] <= 2)),
+        ("hot thread: other threads' p99", f"{hot['others_start_p99_ms']:.1f} ms vs {cold['others_start_p99_ms']:.1f} ms without", "≤ 2×", verdict(hot["others_start_p99_ms"] <= 2 * max(cold["others_start_p99_ms"], 1))),
+        ("soak: RSS growth 10%→100%", f"{soak_r['rss_10pct_mb']:.0f} → {soak_r['rss_100pct_mb']:.0f} MB ({soak_r['growth_pct']:+.1f}%, {soak_r['runs']:,} runs)", "< 10%", verdict(soak_r["growth_pct"] < 10)),
+        ("cost per run", f"{t['nats_requests_per_run']:.1f} NATS requests, {t['cpu_us_per_run']:.0f} µs service CPU", "", ""),
+    ]
+    width = max(len(a) for a, *_ in rows)
+    lines = [f"{a:<{width}}  {b}  [{c}{' ' if c else ''}{d}]" if c else f"{a:<{width}}  {b}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def write_docs(r: dict[str, Any], table: str) -> None:
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        offered = [c["offered_per_s"] for c in r["curve"]]
+        fig, ax1 = plt.subplots(figsize=(7, 4))
+        ax1.plot(offered, [c["achieved_per_s"] for c in r["curve"]], "o-", label="achieved runs/s")
+        ax1.set_xlabel("offered load (runs/s)")
+        ax1.set_ylabel("runs/s")
+        ax2 = ax1.twinx()
+        ax2.plot(offered, [c["start_p50_ms"] for c in r["curve"]], "s--", color="tab:orange", label="submit→start p50")
+        ax2.plot(offered, [c["start_p99_ms"] for c in r["curve"]], "^--", color="tab:red", label="submit→start p99")
+        ax2.set_ylabel("ms")
+        fig.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(docs / "performance.png", dpi=110)
+        plot = "![throughput and latency against offered load](performance.png)\n"
+    except ImportError:
+        plot = "(matplotlib not installed: no plot)\n"
+    body = f"""# Performance
+
+Measured by `make bench` (benchmarks/run.py): one nats-server, one service process
+(`mailbox serve`, no-op handler, concurrency 256) and one load process (the runner, through
+`MailboxClient`), all on this machine. Baselines ran on the same server in the same run.
+
+Machine: {r['machine']}{' — QUICK run (10% sizes)' if r['quick'] else ''}
+
+```
+{table}
+```
+
+{plot}
+Raw results:
+
+```json
+{json.dumps(r, indent=1, default=float)}
+```
+"""
+    (docs / "performance.md").write_text(body)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="10% sizes (a smoke run)")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
+    args = parser.parse_args()
+    results = asyncio.run(main(args.quick))
+    table = report(results)
+    print(table)
+    if not args.no_docs:
+        write_docs(results, table)
