@@ -179,15 +179,23 @@ class NatsCluster:
     log_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.nodes:
-            return
+        if not self.nodes:
+            self._assign_ports()
+
+    def _assign_ports(self) -> None:
+        """(Re)build the nodes on fresh free ports, with fresh data directories."""
         cluster_ports = [free_port() for _ in range(self.size)]
         routes = [f"nats-route://127.0.0.1:{p}" for p in cluster_ports]
         name = f"c{cluster_ports[0]}"
+        for n in self.nodes:  # a failed start: nothing worth keeping
+            n.cleanup()
+        self.nodes = []
         for i, cp in enumerate(cluster_ports):
-            log_file = os.path.join(self.log_dir, f"{name}-n{i}.log") if self.log_dir else None
+            data_dir = tempfile.mkdtemp(prefix="nats-js-")
+            log_dir = self.log_dir or data_dir
             self.nodes.append(
-                NatsServer(name=f"{name}-n{i}", cluster_name=name, cluster_port=cp, routes=routes, log_file=log_file)
+                NatsServer(data_dir=data_dir, name=f"{name}-n{i}", cluster_name=name, cluster_port=cp, routes=routes,
+                           log_file=os.path.join(log_dir or ".", f"{name}-n{i}.log"), _own_dir=True)
             )
 
     @property
@@ -202,11 +210,22 @@ class NatsCluster:
     def names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
-    def start(self, wait: float = 30.0) -> NatsCluster:
-        for n in self.nodes:
-            n.start(wait=0)
-        for n in self.nodes:
-            n.wait_ready(wait)
+    def start(self, wait: float = 30.0, attempts: int = 3) -> NatsCluster:
+        """Start every node. A port taken between choosing and binding it (free_port races
+        with other processes) makes a node exit: then all nodes get fresh ports and retry."""
+        for attempt in range(attempts):
+            for n in self.nodes:
+                n.start(wait=0)
+            try:
+                for n in self.nodes:
+                    n.wait_ready(wait)
+                return self
+            except EmbeddedServerError:
+                for n in self.nodes:
+                    n.kill()
+                if attempt == attempts - 1:
+                    raise
+                self._assign_ports()
         return self
 
     def node_named(self, name: str) -> NatsServer:

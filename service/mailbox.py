@@ -8,6 +8,7 @@ thread, and fall back to the durable path when nobody answers.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class IdGenerator:
     def __init__(self) -> None:
         self._last_ms = 0
         self._counter = 0
+        self._rng = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
 
     def __call__(self) -> str:
         ms = time.time_ns() // 1_000_000
@@ -75,8 +77,8 @@ class IdGenerator:
             self._counter += 1
         else:
             self._last_ms = ms
-            self._counter = uuid.uuid4().int & ((1 << 41) - 1)  # room to count up within the ms
-        tail = uuid.uuid4().int & ((1 << 32) - 1)
+            self._counter = self._rng.getrandbits(41)  # room to count up within the ms
+        tail = self._rng.getrandbits(32)
         rand_a = (self._counter >> 30) & 0xFFF
         rand_b = ((self._counter & ((1 << 30) - 1)) << 32) | tail
         value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
@@ -137,18 +139,18 @@ class Mailbox:
             existing = await self.store.load_run(req.run_id)
             if existing is not None:
                 return await self._duplicate(existing, req.thread_id)
-        thread = await self.store.read_thread(req.thread_id)
-        if req.dedupe_key is not None:
+        # a plain submit needs no read of the thread: the store enforces dedupe keys itself
+        needs_read = req.dedupe_key is not None or req.strategy in ("reject", "steer")
+        thread = await self.store.read_thread(req.thread_id) if needs_read else None
+        if thread is not None and req.dedupe_key is not None:
             for d in thread.dispatches.values():
                 if d.dedupe_key == req.dedupe_key and not d.is_terminal:
-                    return SubmitReply(
-                        run_id=d.run_id,
-                        dispatch_id=d.dispatch_id,
-                        thread_id=d.thread_id,
-                        status="running" if d.status == DispatchStatus.CLAIMED else "queued",
-                        duplicate=True,
-                    )
-        busy = [d for d in thread.dispatches.values() if d.status in (DispatchStatus.QUEUED, DispatchStatus.CLAIMED)]
+                    return _duplicate_of(d)
+        busy = [
+            d
+            for d in (thread.dispatches.values() if thread is not None else ())
+            if d.status in (DispatchStatus.QUEUED, DispatchStatus.CLAIMED)
+        ]
         if req.strategy == "reject" and busy:
             raise ConflictError(f"thread '{req.thread_id}' has {len(busy)} queued or active dispatch(es)", field="strategy")
         if req.strategy == "steer":
@@ -202,13 +204,7 @@ class Mailbox:
             holder = await self.store.load_dispatch(exc.id)  # a concurrent submit with our dedupe key won
             if holder is None:
                 raise
-            return SubmitReply(
-                run_id=holder.run_id,
-                dispatch_id=holder.dispatch_id,
-                thread_id=holder.thread_id,
-                status="running" if holder.status == DispatchStatus.CLAIMED else "queued",
-                duplicate=True,
-            )
+            return _duplicate_of(holder)
         await self._event("queued", dispatch, {"priority": req.priority, "strategy": req.strategy})
         status = await self._wake(dispatch)
         return SubmitReply(run_id=run_id, dispatch_id=dispatch_id, thread_id=req.thread_id, status=status)
@@ -437,3 +433,14 @@ class Mailbox:
     async def _event(self, kind: str, d: RunDispatch, data: Any = None) -> None:
         if self.events is not None:
             await self.events.emit(kind, d, data, self.clock())
+
+
+def _duplicate_of(d: RunDispatch) -> SubmitReply:
+    """The reply to a submit whose dedupe key is held by the live dispatch `d`."""
+    return SubmitReply(
+        run_id=d.run_id,
+        dispatch_id=d.dispatch_id,
+        thread_id=d.thread_id,
+        status="running" if d.status == DispatchStatus.CLAIMED else "queued",
+        duplicate=True,
+    )

@@ -318,7 +318,7 @@ class WorkerManager:
         live = None
         self.metrics.active_runs.inc()
         try:
-            instance = uuid.uuid4().hex
+            instance = self.store.new_token()
             started = self.clock()
             self.metrics.enqueue_to_start.observe(max(0, started - d.created_at) / 1000)
             self.metrics.claim_to_start.observe(max(0, started - d.updated_at) / 1000)

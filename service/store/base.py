@@ -9,7 +9,7 @@ construction and the conformance suite checks the I/O.
 
 from __future__ import annotations
 
-import secrets
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal, TypeVar
@@ -57,8 +57,6 @@ def encode_record(record: RunDispatch | RunRecord, limit: int) -> bytes:
     return data
 
 
-def new_token() -> str:
-    return secrets.token_hex(16)
 
 
 def _check_non_negative(**values: int) -> None:
@@ -71,6 +69,14 @@ class ThreadStore(ABC):
     """All store methods (spec/dispatch-contract.md §5), all async, `now` in ms."""
 
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    _rng: random.Random | None = None
+
+    def new_token(self) -> str:
+        """A fresh claim token (unique; not a secret: the thread guard, not the token, protects
+        a claim)."""
+        if self._rng is None:
+            self._rng = random.Random()
+        return f"{self._rng.getrandbits(128):032x}"
 
     # ------------------------------------------------------------------ primitives
 
@@ -138,14 +144,14 @@ class ThreadStore(ABC):
         validate_id(thread_id, "thread_id")
         validate_id(consumer_id, "consumer_id")
         _check_non_negative(lease_ms=lease_ms, now=now, limit=limit)
-        token = new_token()
+        token = self.new_token()
         return await self._thread_op(thread_id, lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit))
 
     async def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int) -> RunDispatch | None:
         """Claim one known Queued dispatch, ignoring `available_at`."""
         validate_id(consumer_id, "consumer_id")
         _check_non_negative(lease_ms=lease_ms, now=now)
-        token = new_token()
+        token = self.new_token()
         return await self._on_dispatch(
             dispatch_id, None, lambda s: ops.claim_dispatch(s, dispatch_id, consumer_id, token, lease_ms, now)
         )

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -539,7 +538,7 @@ class NatsDispatchStore(ThreadStore):
 
     async def _publish_batch(self, writes: list[tuple[str, bytes, dict[str, str]]], rev: int, subtree: str) -> int:
         """One atomic batch (ADR-50), guarded on its first message; returns the commit's sequence."""
-        batch_id = uuid.uuid4().hex
+        batch_id = self.new_token()
         last = len(writes)
         for n, (key, data, headers) in enumerate(writes, start=1):
             h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(n), **headers}
