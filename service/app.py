@@ -49,6 +49,7 @@ class Pod:
         st = self.store.stats
         return {
             "thread_read": st.snapshots,
+            "thread_probe": st.probes,
             "key_read": st.gets,
             "write": st.publishes,
             "atomic_batch": st.batches,

@@ -332,14 +332,15 @@ class WorkerManager:
             except StoreError as exc:
                 log.warning("event=start_failed dispatch=%s error=%s", d.dispatch_id, exc)
                 return  # the lease lapses and the sweep reclaims it
-            run = await self.store.load_run(d.run_id)
-            if run is None:
+            # one compare-and-set both reads the run (verified, never a cached guess) and marks it running
+            try:
+                run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, self.clock()))
+            except NotFoundError:
                 await self._dead_letter(d, token, f"run '{d.run_id}' not found for dispatch '{d.dispatch_id}'", None)
                 return
             if run.is_done:  # a re-delivery of a run that already finished: nothing to do
                 await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
                 return
-            run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, self.clock()))
             await self._event("started" if not run.decisions else "resumed", d, {"pod": self.consumer_id})
             context = RunContext(
                 thread_id=d.thread_id,
@@ -737,7 +738,9 @@ class _Hooks:
 # ---------------------------------------------------------------------- run record changes (pure)
 
 
-def _started(r: RunRecord, dispatch_id: str, now: int) -> RunRecord:
+def _started(r: RunRecord, dispatch_id: str, now: int) -> RunRecord | None:
+    if r.is_done:
+        return None
     return msgspec.structs.replace(
         r, status=RunStatus.RUNNING, dispatch_id=dispatch_id, attempts=r.attempts + 1, waiting=None, updated_at=now
     )

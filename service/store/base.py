@@ -9,6 +9,7 @@ construction and the conformance suite checks the I/O.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -100,9 +101,12 @@ class ThreadStore(ABC):
         """Every thread, in one bounded pass. Only maintenance and global views use it."""
 
     @abstractmethod
-    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+    async def _run_op(
+        self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]], creating: bool = False
+    ) -> T:
         """Read a run, decide, and commit by compare-and-set on the run's key (re-deciding
-        after a conflict). A deleted run also releases its id."""
+        after a conflict). A deleted run also releases its id. `creating` hints that the run
+        is most likely new (a backend may then skip the read)."""
 
     @abstractmethod
     async def _read_run(self, thread_id: str, run_id: str) -> RunRecord | None: ...
@@ -356,13 +360,19 @@ class ThreadStore(ABC):
                 raise ValidationError("the dispatch must belong to the run and its thread", id=dispatch.dispatch_id)
             validate_for_enqueue(dispatch)
             encode_record(dispatch, self.max_record_bytes)
-            bound = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
-            if bound != dispatch.thread_id:
+        # both ids are bound at once (two independent keys: no order between them matters)
+        bind_run = self._bind("run", run.run_id, run.thread_id)
+        if dispatch is not None:
+            bound_dispatch, bound = await asyncio.gather(
+                self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id), bind_run
+            )
+            if bound_dispatch != dispatch.thread_id:
                 raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
-        bound = await self._bind("run", run.run_id, run.thread_id)
+        else:
+            bound = await bind_run
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
-        await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run))
+        await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run), creating=True)
         if dispatch is None:
             return
         try:

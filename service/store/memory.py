@@ -49,7 +49,9 @@ class MemoryDispatchStore(ThreadStore):
     async def _read_thread(self, thread_id: str) -> ThreadState:
         return _copy(self._threads.get(thread_id) or ThreadState(thread_id=thread_id))
 
-    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+    async def _run_op(
+        self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]], creating: bool = False
+    ) -> T:
         existing = self._runs.get(run_id)
         decision = decide(existing if existing is None or existing.thread_id == thread_id else None)
         if decision.record is not None:

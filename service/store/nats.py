@@ -59,6 +59,10 @@ log = logging.getLogger("mailbox.store")
 WRONG_LAST_SEQUENCE = 10071
 MAX_BATCH = 1000
 MARKER_TTL_S = 900
+# LRU sizes of what this store remembers of its own commits (bounded memory in a long run):
+THREAD_CACHE = 4096  # threads' state and revision after our last change
+RUN_CACHE = 4096  # runs' record and revision after our last change (create → start → finish)
+ALIAS_CACHE = 16384  # dispatch/run id → thread (immutable facts)
 """Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
 
 _TRANSIENT = (
@@ -243,20 +247,26 @@ class NatsDispatchStore(ThreadStore):
         attempt = 0
         cached = self._threads.get(thread_id)
         if cached is not None:
-            state, rev = _copy_state(cached[0]), cached[1]
+            state, rev, verified = _copy_state(cached[0]), cached[1], False
         else:
             state, rev = await self._snapshot(thread_id)
+            verified = True
         while True:
             try:
-                outcome = decide(state)
+                outcome: Outcome[T] | None = decide(state)
             except StoreError:
-                if cached is None:
+                if verified:
                     raise
-                outcome = None  # a refusal is never decided on the cache either
-            if outcome is None or (not outcome.change and cached is not None):
-                cached = None  # a decision that writes nothing is never taken on the cache
-                state, rev = await self._snapshot(thread_id)
+                outcome = None
+            if not verified and (outcome is None or not outcome.change):
+                # a decision that writes nothing (or refuses) is never taken on the cache
+                # alone: a cheap probe of the thread's revision confirms the cached state,
+                # else the thread is read; then we decide again
+                verified = True
+                if await self._revision(thread_id) != rev:
+                    state, rev = await self._snapshot(thread_id)
                 continue
+            assert outcome is not None
             if outcome.change:
                 try:
                     rev = await self._commit(thread_id, rev, outcome.change)
@@ -268,10 +278,10 @@ class NatsDispatchStore(ThreadStore):
                         raise StoreUnavailableError(
                             f"thread '{thread_id}' kept changing; gave up after {attempt} attempts", id=thread_id
                         ) from None
-                    if cached is None:  # a real race: spread out the writers racing on this thread
+                    if verified:  # a real race, not a stale cache: spread out the writers
                         await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
-                    cached = None
                     state, rev = await self._snapshot(thread_id)
+                    verified = True
                     continue
                 except BaseException:
                     self._threads.pop(thread_id, None)
@@ -281,19 +291,48 @@ class NatsDispatchStore(ThreadStore):
                 raise outcome.error
             return outcome.result
 
+    async def _revision(self, thread_id: str) -> int:
+        """The thread's revision (the last sequence in its subtree), in one small read."""
+        request: dict[str, Any] = {"last_by_subj": f"{self._kv}{keys.thread_prefix(thread_id)}.>"}
+        if self._high_water:
+            request["min_last_seq"] = self._high_water
+        payload = msgspec.json.encode(request)
+        deadline = time.monotonic() + self._unavailable_after
+        self.stats.probes += 1
+        while True:
+            try:
+                msg = await self.nc.request(self._direct, payload, timeout=self._timeout)
+            except _TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailableError(f"revision of thread '{thread_id}' unreadable: {exc!r}") from exc
+                await asyncio.sleep(0.05)
+                continue
+            status = _status(msg)
+            if status == 404:
+                return 0
+            if status is None:
+                return _entry(msg).seq
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"revision of thread '{thread_id}' unreadable (status {status})")
+            await asyncio.sleep(0.05)
+
     def _remember_thread(self, state: ThreadState, rev: int) -> None:
         self._threads[state.thread_id] = (state, rev)
         self._threads.move_to_end(state.thread_id)
-        if len(self._threads) > 10_000:
+        if len(self._threads) > THREAD_CACHE:
             self._threads.popitem(last=False)
 
     async def _read_thread(self, thread_id: str) -> ThreadState:
         return (await self._snapshot(thread_id))[0]
 
-    async def _run_op(self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]]) -> T:
+    async def _run_op(
+        self, thread_id: str, run_id: str, decide: Callable[[RunRecord | None], RunChange[T]], creating: bool = False
+    ) -> T:
         key = keys.run_key(thread_id, run_id)
         deadline = time.monotonic() + self._unavailable_after
         cached = self._runs.get(run_id)
+        if cached is None and creating:
+            cached = (None, 0)  # a new run: try "must not exist" first; a conflict reads it
         run, seq = cached if cached is not None else await self._get_run(key)
         while True:
             try:
@@ -322,7 +361,7 @@ class NatsDispatchStore(ThreadStore):
                     new_seq = await self._publish(key, encode_record(decision.record, self.max_record_bytes), headers)
                     self._runs[run_id] = (decision.record, new_seq)
                     self._runs.move_to_end(run_id)
-                    if len(self._runs) > 10_000:
+                    if len(self._runs) > RUN_CACHE:
                         self._runs.popitem(last=False)
                 return decision.result
             except _Conflict:
@@ -385,7 +424,7 @@ class NatsDispatchStore(ThreadStore):
         # an id's thread never changes, so this cache can only be incomplete, never wrong
         # (a purged and re-created id is the exception; reads then find no record, see load)
         self._alias_cache[(kind, id)] = thread_id
-        if len(self._alias_cache) > 100_000:
+        if len(self._alias_cache) > ALIAS_CACHE:
             self._alias_cache.popitem(last=False)
 
     async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
@@ -658,6 +697,7 @@ class StoreStats:
 
     def __init__(self) -> None:
         self.snapshots = 0
+        self.probes = 0
         self.gets = 0
         self.publishes = 0
         self.batches = 0
