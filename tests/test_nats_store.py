@@ -11,7 +11,7 @@ import nats
 import nats.errors
 import pytest
 
-from service.model import DispatchStatus, RunDispatch, StoreError, StoreUnavailableError
+from service.model import AlreadyExistsError, DispatchStatus, RunDispatch, StoreError, StoreUnavailableError
 from service.store import NatsDispatchStore
 from service.store import keys
 
@@ -229,3 +229,18 @@ async def test_an_incompatible_existing_bucket_fails_loudly(nats_url):
             await NatsDispatchStore.connect(nc, prefix=prefix)
     finally:
         await nc.close()
+
+
+async def test_gc_purges_aliases_whose_record_never_came(nats_store):
+    s = nats_store
+    await s.enqueue(q("live"))
+    await s.enqueue(q("dup", dedupe_key="k"))
+    with pytest.raises(AlreadyExistsError):
+        await s.enqueue(q("refused", dedupe_key="k"))  # its aliases were written, the record was not
+    assert await s._thread_of("dispatch", "refused") == "t1"
+    await s.purge_terminal(older_than=int(time.time() * 1000) + 60_000)
+    s._alias_cache.clear()
+    assert await s._thread_of("dispatch", "refused") is None
+    assert await s._thread_of("run", "run-refused") is None
+    assert await s._thread_of("dispatch", "live") == "t1"  # live ids keep theirs
+    assert await s._thread_of("run", "run-live") == "t1"

@@ -346,7 +346,18 @@ class ThreadStore(ABC):
             referenced = {d.run_id for d in (await self._read_thread(thread_id)).dispatches.values()}
             for r in candidates:
                 await self._run_op(thread_id, r.run_id, lambda x: ops.purge_run(x, older_than, referenced))
+        threads = await self._scan_threads()
+        live_dispatches = {i for st in threads for i in st.dispatches}
+        live_runs = {r.run_id for r in await self._scan_runs()} | {
+            d.run_id for st in threads for d in st.dispatches.values()
+        }
+        await self._purge_orphan_aliases(older_than, live_dispatches, live_runs)
         return purged
+
+    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+        """Drop aliases (id → thread) written before `older_than` whose record is gone or never
+        came; returns how many. A backend without separate alias keys has nothing to do."""
+        return 0
 
     # ------------------------------------------------------------------ runs
 

@@ -72,6 +72,18 @@ class MemoryDispatchStore(ThreadStore):
     async def _scan_runs(self) -> list[RunRecord]:
         return list(self._runs.values())
 
+    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+        # one process, no crash between an alias and its record: orphans come only from
+        # refused enqueues, and nothing else can be mid-write now
+        orphans = [
+            key
+            for key in self._aliases
+            if key[1] not in (dispatch_ids if key[0] == "dispatch" else run_ids)
+        ]
+        for key in orphans:
+            del self._aliases[key]
+        return len(orphans)
+
     async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
         return self._aliases.setdefault((kind, id), thread_id)
 

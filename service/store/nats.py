@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from datetime import UTC, datetime
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -103,6 +104,18 @@ class _Entry(msgspec.Struct):
     seq: int
     data: bytes
     deleted: bool
+    stamp: str = ""  # server time of the message (RFC 3339)
+
+    def written_ms(self) -> int:
+        """The server's write time in Unix ms (0 if unknown)."""
+        if not self.stamp:
+            return 0
+        try:
+            whole, _, frac = self.stamp.rstrip("Z").partition(".")
+            seconds = datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp()
+            return int(seconds * 1000) + int((frac + "000")[:3])
+        except ValueError:
+            return 0
 
 
 class NatsDispatchStore(ThreadStore):
@@ -443,6 +456,28 @@ class NatsDispatchStore(ThreadStore):
             return False
         return True
 
+    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+        """Aliases written before `older_than` whose record does not exist (a crash between
+        the alias and the record, or a refused enqueue): purged, each guarded by its own
+        sequence so an alias re-bound meanwhile is kept."""
+        purged = 0
+        for prefix, kind, live in (("id.", "dispatch", dispatch_ids), ("run.", "run", run_ids)):
+            for e in await self._scan(f"{self._kv}{prefix}>"):
+                if e.deleted:
+                    continue
+                id = keys.unH(e.subject[len(self._kv) + len(prefix) :])
+                if id in live or e.written_ms() >= older_than:
+                    continue
+                try:
+                    await self._publish(
+                        e.subject[len(self._kv) :], b"", {**_PURGE, "Nats-Expected-Last-Subject-Sequence": str(e.seq)}
+                    )
+                except _Conflict:
+                    continue
+                self._alias_cache.pop((kind, id), None)  # type: ignore[arg-type]
+                purged += 1
+        return purged
+
     async def _scan_threads(self) -> list[ThreadState]:
         threads: dict[str, ThreadState] = {}
         for e in await self._scan(f"{self._kv}t.>"):
@@ -726,6 +761,7 @@ def _entry(msg: Msg) -> _Entry:
         seq=int(h.get("Nats-Sequence", "0")),
         data=msg.data,
         deleted=h.get("KV-Operation") in ("DEL", "PURGE"),
+        stamp=h.get("Nats-Time-Stamp", ""),
     )
 
 
