@@ -167,7 +167,10 @@ class WorkerManager:
             with self.metrics.timed("claim"), self.tracer.start_as_current_span(
                 "mailbox.claim", attributes={"mailbox.thread_id": thread_id}
             ):
-                claimed = await self.store.claim(thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1)
+                # the claim records the start in the same write: this pod runs what it claims now
+                claimed = await self.store.claim(
+                    thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1, start=self.store.new_token()
+                )
         except StoreError as exc:
             self._busy.pop(thread_id, None)
             log.warning("event=claim_failed thread=%s error=%s", thread_id, exc)
@@ -318,20 +321,23 @@ class WorkerManager:
         live = None
         self.metrics.active_runs.inc()
         try:
-            instance = self.store.new_token()
             started = self.clock()
             self.metrics.enqueue_to_start.observe(max(0, started - d.created_at) / 1000)
             self.metrics.claim_to_start.observe(max(0, started - d.updated_at) / 1000)
-            try:
-                # one round trip re-checks ownership and the epoch before anything runs
-                with self.metrics.timed("record_dispatch_start"):
-                    await self.store.record_dispatch_start(d.dispatch_id, token, instance, started)
-            except (VersionConflictError, NotFoundError):
-                await self._after_lost_start(d)
-                return
-            except StoreError as exc:
-                log.warning("event=start_failed dispatch=%s error=%s", d.dispatch_id, exc)
-                return  # the lease lapses and the sweep reclaims it
+            if d.dispatch_instance_id is not None and d.run_status == RunStatus.RUNNING:
+                instance = d.dispatch_instance_id  # the claim recorded the start (and checked the epoch)
+            else:
+                instance = self.store.new_token()
+                try:
+                    # one round trip re-checks ownership and the epoch before anything runs
+                    with self.metrics.timed("record_dispatch_start"):
+                        await self.store.record_dispatch_start(d.dispatch_id, token, instance, started)
+                except (VersionConflictError, NotFoundError):
+                    await self._after_lost_start(d)
+                    return
+                except StoreError as exc:
+                    log.warning("event=start_failed dispatch=%s error=%s", d.dispatch_id, exc)
+                    return  # the lease lapses and the sweep reclaims it
             # one compare-and-set both reads the run (verified, never a cached guess) and marks it running
             try:
                 run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, self.clock()))

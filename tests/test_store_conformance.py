@@ -714,3 +714,13 @@ async def test_create_run_rejects_duplicates(store):
     with pytest.raises(StoreError):
         await store.create_run(run("r3", input="x" * (store.max_record_bytes + 1)))
     assert await store.load_run("r3") is None
+
+
+async def test_claim_can_record_the_start_in_the_same_write(store):
+    await store.enqueue(q("d1"))
+    [d] = await store.claim("t1", "w", LEASE, 2000, 1, start="inst-9")
+    assert d.status == S.CLAIMED and d.dispatch_instance_id == "inst-9" and d.run_status == RunStatus.RUNNING
+    assert await store.load_dispatch("d1") == d
+    await store.complete("d1", d.claim_token, result_for(d, response="ok"), 2100)
+    done = await store.load_dispatch("d1")
+    assert done.status == S.ACKED and done.run_response == "ok" and done.completed_at == 2100

@@ -142,14 +142,17 @@ class ThreadStore(ABC):
             )
 
     async def claim(
-        self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1
+        self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1, *, start: str | None = None
     ) -> list[RunDispatch]:
-        """Claim up to `limit` eligible dispatches of the thread, unless one is already claimed."""
+        """Claim up to `limit` eligible dispatches of the thread, unless one is already claimed.
+        With `start` (an instance id), the claim also records the attempt's start, in one write."""
         validate_id(thread_id, "thread_id")
         validate_id(consumer_id, "consumer_id")
         _check_non_negative(lease_ms=lease_ms, now=now, limit=limit)
         token = self.new_token()
-        return await self._thread_op(thread_id, lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit))
+        return await self._thread_op(
+            thread_id, lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit, start)
+        )
 
     async def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int) -> RunDispatch | None:
         """Claim one known Queued dispatch, ignoring `available_at`."""

@@ -207,8 +207,10 @@ def _supersede_stale_queued(state: ThreadState, now: int) -> list[RunDispatch]:
 
 
 def claim(
-    state: ThreadState, consumer_id: str, token: str, lease_ms: int, now: int, limit: int
+    state: ThreadState, consumer_id: str, token: str, lease_ms: int, now: int, limit: int, start: str | None = None
 ) -> Outcome[list[RunDispatch]]:
+    """`start`, if given, also records the attempt's start (as `record_dispatch_start` with
+    that instance id) in the same write: for a worker about to run what it claims."""
     mine = [d for d in state.claimed() if d.claim_token == token]
     if mine:  # our own commit landed though its reply was lost: same answer again
         return Outcome(_NOTHING, mine)
@@ -225,6 +227,8 @@ def claim(
         key=RunDispatch.sort_key,
     )[:limit]
     claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
+    if start is not None:
+        claimed = [d.record_dispatch_start(start, now) for d in claimed]
     change = _puts(*superseded, *claimed)
     # several claims at once must land together; supersedes before a single claim need not
     change.atomic = len(claimed) > 1
