@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from .store import keys
+from .streams import differences
 
 log = logging.getLogger("mailbox.signals")
 
@@ -116,11 +117,9 @@ class Signals:
             await self.js.add_stream(wanted)
         else:
             have = info.config
-            diffs = [
-                f"{f}={getattr(have, f)!r} (want {getattr(wanted, f)!r})"
-                for f in ("subjects", "retention", "max_msgs_per_subject", "discard", "discard_new_per_subject")
-                if getattr(have, f) != getattr(wanted, f)
-            ]
+            diffs = differences(
+                have, wanted, ("subjects", "retention", "max_msgs_per_subject", "discard", "discard_new_per_subject")
+            )
             if diffs:
                 raise SignalConfigError(f"stream {self.stream} does not match: {', '.join(diffs)}")
         cwanted = self.consumer_config(ack_wait_ms, max_ack_pending, max_deliver)
@@ -130,11 +129,9 @@ class Signals:
             await self.js.add_consumer(self.stream, cwanted)
         else:
             have_c = cinfo.config
-            diffs = [
-                f"{f}={getattr(have_c, f)!r} (want {getattr(cwanted, f)!r})"
-                for f in ("ack_policy", "ack_wait", "max_ack_pending", "max_deliver", "filter_subject")
-                if getattr(have_c, f) != getattr(cwanted, f)
-            ]
+            diffs = differences(
+                have_c, cwanted, ("ack_policy", "ack_wait", "max_ack_pending", "max_deliver", "filter_subject")
+            )
             if diffs:
                 raise SignalConfigError(
                     f"consumer {self.consumer} on {self.stream} does not match: {', '.join(diffs)}; "

@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from ..natsclient import connect as connect_client
+from ..streams import differences
 from ..model import RunDispatch, RunRecord, StoreError, StoreUnavailableError
 from . import ops
 from . import keys
@@ -226,11 +227,7 @@ class NatsDispatchStore(ThreadStore):
             await js.add_stream(wanted)
             return
         have = info.config
-        problems = [
-            f"{name}={getattr(have, name)!r} (want {getattr(wanted, name)!r})"
-            for name in ("max_msgs_per_subject", "allow_direct", "allow_msg_ttl", "allow_rollup_hdrs")
-            if getattr(have, name) != getattr(wanted, name)
-        ]
+        problems = differences(have, wanted, ("max_msgs_per_subject", "allow_direct", "allow_msg_ttl", "allow_rollup_hdrs"))
         if problems:
             raise StoreError(f"bucket stream {self.stream} has an incompatible config: {', '.join(problems)}")
         if not have.allow_atomic:  # older deployments: atomic batches can be switched on in place
