@@ -154,6 +154,10 @@ class _BatchReader:
             self._sub = None
 
 
+MAX_UNACKED = 10_000
+"""Emitted events whose ack has not come back yet, beyond which emit waits for each ack."""
+
+
 class EventStream:
     def __init__(self, nc: NATS, prefix: str, *, timeout: float = 5.0) -> None:
         self.nc = nc
@@ -162,6 +166,10 @@ class EventStream:
         self.stream = f"{prefix}-events"
         self._reader = _BatchReader(nc, self.stream, timeout)
         self.published = 0
+        self.failed = 0
+        self._acks: Any = None  # the reply subscription of emitted events' acks
+        self._ack_inbox = ""
+        self._unacked = 0
 
     async def ensure(self, *, replicas: int, max_age_ms: int) -> None:
         config = StreamConfig(
@@ -186,8 +194,12 @@ class EventStream:
             await self.js.update_stream(info.config)
 
     async def close(self) -> None:
-        """Release the reply subscription of the reads (the connection stays open)."""
+        """Release the reply subscriptions (the connection stays open)."""
         await self._reader.close()
+        if self._acks is not None:
+            with contextlib.suppress(Exception):
+                await self._acks.unsubscribe()
+            self._acks = None
 
     async def publish(self, event: Event, headers: dict[str, str] | None = None) -> int:
         """Publish durably; returns the stream sequence."""
@@ -209,9 +221,26 @@ class EventStream:
             data=data,
         )
         try:
-            await self.publish(event)
+            if self._unacked >= MAX_UNACKED:
+                await self.publish(event)  # the server is slow to ack: wait, so events cannot pile up
+                return
+            if self._acks is None:
+                self._ack_inbox = self.nc.new_inbox()
+                self._acks = await self.nc.subscribe(self._ack_inbox, cb=self._on_ack)
+            # no waiting for the ack: the emitter goes on (events of one connection stay in
+            # order in the stream), and a failed ack is counted and logged by _on_ack
+            subject = keys.events_subject(self.prefix, event.thread_id, event.run_id)
+            self.published += 1
+            self._unacked += 1
+            await self.nc.publish(subject, _encode(event), reply=self._ack_inbox)
         except Exception as exc:
             log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)
+
+    async def _on_ack(self, msg: Any) -> None:
+        self._unacked = max(0, self._unacked - 1)
+        if b'"error"' in msg.data or (msg.headers and msg.headers.get("Status")):
+            self.failed += 1
+            log.warning("event=event_publish_failed reply=%s", msg.data[:200])
 
     # ------------------------------------------------------------------ reading
 
