@@ -82,16 +82,21 @@ class ThreadStore(ABC):
     # ------------------------------------------------------------------ primitives
 
     @abstractmethod
-    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+    async def _thread_op(
+        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+    ) -> T:
         """Read the thread, decide, commit the change atomically with respect to every other
-        change of the thread (re-deciding after a conflict), then raise `outcome.error` if set."""
+        change of the thread (re-deciding after a conflict), then raise `outcome.error` if set.
+        `full`: the decision needs the thread's terminal dispatches too (a backend may otherwise
+        decide on its live dispatches alone)."""
 
     @abstractmethod
     async def _read_thread(self, thread_id: str) -> ThreadState: ...
 
     @abstractmethod
-    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
-        """Bind `id` to `thread_id` unless already bound; returns the thread it is bound to."""
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> tuple[str, bool]:
+        """Bind `id` to `thread_id` unless already bound; returns the thread it is bound to,
+        and whether this call created the binding (a new id, never seen before)."""
 
     @abstractmethod
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
@@ -126,20 +131,23 @@ class ThreadStore(ABC):
         """Persist a new Queued dispatch (durable before returning)."""
         validate_for_enqueue(dispatch)
         encode_record(dispatch, self.max_record_bytes)
-        await self._bind_for(dispatch)
-        await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch))
+        new_id = await self._bind_for(dispatch)
+        # an id bound before may already name a (terminal) dispatch: decide on the full thread
+        await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch), full=not new_id)
 
-    async def _bind_for(self, dispatch: RunDispatch) -> None:
-        bound = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
+    async def _bind_for(self, dispatch: RunDispatch) -> bool:
+        """Bind the dispatch's and its run's ids; True if the dispatch id is new."""
+        bound, created = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
         if bound != dispatch.thread_id:
             raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
-        bound = await self._bind("run", dispatch.run_id, dispatch.thread_id)
+        bound, _ = await self._bind("run", dispatch.run_id, dispatch.thread_id)
         if bound != dispatch.thread_id:
             raise ValidationError(
                 f"run_id '{dispatch.run_id}' belongs to thread '{bound}', not '{dispatch.thread_id}'",
                 field="run_id",
                 id=dispatch.run_id,
             )
+        return created
 
     async def claim(
         self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1, *, start: str | None = None
@@ -341,7 +349,9 @@ class ThreadStore(ABC):
         for st in await self._scan_threads():
             if any(d.is_terminal and d.updated_at < older_than for d in st.dispatches.values()):
                 recorded = {r.run_id for r in runs_by_thread.get(st.thread_id, [])}
-                purged += await self._thread_op(st.thread_id, lambda s: ops.purge_terminal(s, older_than, recorded))
+                purged += await self._thread_op(
+                    st.thread_id, lambda s: ops.purge_terminal(s, older_than, recorded), full=True
+                )
         for thread_id, runs in runs_by_thread.items():
             candidates = [r for r in runs if r.is_done and r.updated_at < older_than]
             if not candidates:
@@ -376,21 +386,22 @@ class ThreadStore(ABC):
             encode_record(dispatch, self.max_record_bytes)
         # both ids are bound at once (two independent keys: no order between them matters)
         bind_run = self._bind("run", run.run_id, run.thread_id)
+        new_dispatch_id = True
         if dispatch is not None:
-            bound_dispatch, bound = await asyncio.gather(
+            (bound_dispatch, new_dispatch_id), (bound, _) = await asyncio.gather(
                 self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id), bind_run
             )
             if bound_dispatch != dispatch.thread_id:
                 raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
         else:
-            bound = await bind_run
+            bound, _ = await bind_run
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
         await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run), creating=True)
         if dispatch is None:
             return
         try:
-            await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch))
+            await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch), full=not new_dispatch_id)
         except StoreUnavailableError:
             raise  # the dispatch may have landed: leave the run; recovery enqueues it if not
         except StoreError:

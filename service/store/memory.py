@@ -25,7 +25,9 @@ class MemoryDispatchStore(ThreadStore):
         self._aliases: dict[tuple[AliasKind, str], str] = {}
         self._leaders: dict[str, tuple[str, int]] = {}
 
-    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+    async def _thread_op(
+        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+    ) -> T:
         state = self._threads.get(thread_id) or ThreadState(thread_id=thread_id)
         outcome = decide(_copy(state))
         if outcome.change:
@@ -84,8 +86,9 @@ class MemoryDispatchStore(ThreadStore):
             del self._aliases[key]
         return len(orphans)
 
-    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
-        return self._aliases.setdefault((kind, id), thread_id)
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> tuple[str, bool]:
+        created = (kind, id) not in self._aliases
+        return self._aliases.setdefault((kind, id), thread_id), created
 
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None:
         return self._aliases.get((kind, id))

@@ -236,7 +236,9 @@ class NatsDispatchStore(ThreadStore):
 
     # ------------------------------------------------------------------ primitives
 
-    async def _thread_op(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+    async def _thread_op(
+        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+    ) -> T:
         # Changes to one thread from this process queue up here instead of racing each other
         # through the guard (128 concurrent submits to one thread otherwise mostly conflict);
         # other processes still race, and the guard settles those.
@@ -246,16 +248,18 @@ class NatsDispatchStore(ThreadStore):
         lock.users += 1
         try:
             async with lock:
-                return await self._thread_op_locked(thread_id, decide)
+                return await self._thread_op_locked(thread_id, decide, full)
         finally:
             lock.users -= 1
             if not lock.users:
                 del self._locks[thread_id]
 
-    async def _thread_op_locked(self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]]) -> T:
+    async def _thread_op_locked(
+        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], full: bool
+    ) -> T:
         deadline = time.monotonic() + self._unavailable_after
         attempt = 0
-        cached = self._threads.get(thread_id)
+        cached = None if full else self._threads.get(thread_id)
         if cached is not None:
             state, rev, verified = _copy_state(cached[0]), cached[1], False
         else:
@@ -267,11 +271,14 @@ class NatsDispatchStore(ThreadStore):
             except StoreError:
                 if verified:
                     raise
-                outcome = None
-            if not verified and (outcome is None or not outcome.change):
-                # a decision that writes nothing (or refuses) is never taken on the cache
-                # alone: a cheap probe of the thread's revision confirms the cached state,
-                # else the thread is read; then we decide again
+                # a refusal is never decided on the cache, which holds live dispatches only
+                # (ack of an acked dispatch is a version conflict, not "not found"): read all
+                state, rev = await self._snapshot(thread_id)
+                verified = True
+                continue
+            if not verified and not outcome.change:
+                # a decision that writes nothing is never taken on the cache alone: a cheap
+                # probe of the thread's revision confirms it, else the thread is read
                 verified = True
                 if await self._revision(thread_id) != rev:
                     state, rev = await self._snapshot(thread_id)
@@ -327,6 +334,10 @@ class NatsDispatchStore(ThreadStore):
             await asyncio.sleep(0.05)
 
     def _remember_thread(self, state: ThreadState, rev: int) -> None:
+        # only live dispatches are kept: what claims, enqueues and interrupts decide on.
+        # A thread's terminal history stays in the bucket (until GC), not in memory.
+        live = {i: d for i, d in state.dispatches.items() if not d.is_terminal}
+        state = ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=live)
         self._threads[state.thread_id] = (state, rev)
         self._threads.move_to_end(state.thread_id)
         if len(self._threads) > THREAD_CACHE:
@@ -401,7 +412,7 @@ class NatsDispatchStore(ThreadStore):
     async def _scan_runs(self) -> list[RunRecord]:
         return [_run_decoder.decode(e.data) for e in await self._scan(f"{self._kv}r.>") if not e.deleted]
 
-    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> str:
+    async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> tuple[str, bool]:
         key = _alias_key(kind, id)
         data = thread_id.encode()
         expected = 0
@@ -409,13 +420,13 @@ class NatsDispatchStore(ThreadStore):
             try:
                 await self._publish(key, data, {"Nats-Expected-Last-Subject-Sequence": str(expected)})
                 self._remember_alias(kind, id, thread_id)
-                return thread_id
+                return thread_id, expected == 0
             except _Conflict:
                 current = await self._get_last(key)
                 if current is not None and not current.deleted:
                     bound = current.data.decode()
                     self._remember_alias(kind, id, bound)
-                    return bound
+                    return bound, False
                 expected = current.seq if current is not None else 0  # a purge marker: take its place
         raise StoreUnavailableError(f"could not bind {kind} '{id}'", id=id)
 
@@ -500,7 +511,7 @@ class NatsDispatchStore(ThreadStore):
             rev = max(rev, e.seq)  # tombstones count: they are part of the thread's history
             if not e.deleted:
                 _absorb(state, e.subject[len(prefix) :], e.data)
-        self._remember_thread(_copy_state(state), rev)
+        self._remember_thread(state, rev)
         return state, rev
 
     async def _read_subtree(self, subject_filter: str) -> list[_Entry]:
@@ -674,12 +685,12 @@ class NatsDispatchStore(ThreadStore):
         while True:
             self._next_token += 1
             token = str(self._next_token)
-            msgs: list[Msg] = []
+            msgs = _Batch()
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._pending[token] = (msgs, done)
             try:
                 await self.nc.publish(self._direct, payload, reply=f"{self._inbox}.{token}")
-                status = await asyncio.wait_for(done, self._timeout)
+                status = await self._await_batch(done, msgs)
             except _TRANSIENT:
                 status = -1
             finally:
@@ -691,6 +702,19 @@ class NatsDispatchStore(ThreadStore):
                 raise StoreUnavailableError(f"batch read failed (status {status})")
             await asyncio.sleep(0.05)
 
+    async def _await_batch(self, done: asyncio.Future[int], msgs: list[Msg]) -> int:
+        """The batch's final status. The timeout is for silence, not for the whole batch: a
+        big page on a busy pod keeps arriving for longer than one request timeout."""
+        seen = -1
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(done), self._timeout)
+            except TimeoutError:
+                if len(msgs) == seen:
+                    done.cancel()
+                    raise
+                seen = len(msgs)
+
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         pending = self._pending.get(token)
@@ -701,9 +725,11 @@ class NatsDispatchStore(ThreadStore):
         if status is None:
             msgs.append(msg)
         elif not done.done():
+            if status == 204:  # end of batch: how many more match beyond what was sent
+                msgs.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)  # type: ignore[attr-defined]
             done.set_result(status)
 
-    async def _scan(self, subject_filter: str, page: int = 10_000) -> list[_Entry]:
+    async def _scan(self, subject_filter: str, page: int = 2_000) -> list[_Entry]:
         """Every key matching the filter (last value each), in stream order, page by page."""
         out: list[_Entry] = []
         seq = 1
@@ -711,9 +737,16 @@ class NatsDispatchStore(ThreadStore):
             status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
             self.stats.scanned_keys += len(msgs)
             out.extend(_entry(m) for m in msgs)
-            if status != 204 or len(msgs) < page or not msgs:
+            # the server may send fewer than asked (a byte limit): go on while it says more match
+            if status != 204 or not msgs or not getattr(msgs, "pending", 0):
                 return out
             seq = out[-1].seq + 1
+
+
+class _Batch(list):  # type: ignore[type-arg]
+    """Messages of one batch read; `pending` = matches left beyond it (from the end-of-batch)."""
+
+    pending = 0
 
 
 class _ThreadLock(asyncio.Lock):
