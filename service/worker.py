@@ -43,6 +43,7 @@ from .model import (
 )
 from .signals import Signal, Signals, blocked_delay_ms
 from .store import DispatchStore, keys
+from .store.ops import ThreadState
 
 log = logging.getLogger("mailbox.worker")
 
@@ -322,6 +323,16 @@ class WorkerManager:
         self.metrics.active_runs.inc()
         try:
             started = self.clock()
+            if d.lease_until is not None and started >= d.lease_until:
+                # the claim took longer than its lease (a stalled store): renew before running,
+                # or leave it, if it was reclaimed meanwhile
+                try:
+                    renewed = await self.store.extend_lease(d.dispatch_id, token, self.settings.lease_ms, started)
+                except StoreError:
+                    renewed = False
+                if not renewed:
+                    log.info("event=claim_expired_before_start dispatch=%s", d.dispatch_id)
+                    return
             self.metrics.enqueue_to_start.observe(max(0, started - d.created_at) / 1000)
             self.metrics.claim_to_start.observe(max(0, started - d.updated_at) / 1000)
             if d.dispatch_instance_id is not None and d.run_status == RunStatus.RUNNING:
@@ -346,6 +357,11 @@ class WorkerManager:
                 return
             if run.is_done:  # a re-delivery of a run that already finished: nothing to do
                 await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
+                return
+            if run.dispatch_id != d.dispatch_id:
+                # the run moved on to a newer dispatch (a durable decision, a replay): that one runs it
+                await self._call(self.store.supersede_claimed(
+                    d.dispatch_id, token, self.clock(), f"run continued by dispatch '{run.dispatch_id}'"), d)
                 return
             await self._event("started" if not run.decisions else "resumed", d, {"pod": self.consumer_id})
             context = RunContext(
@@ -419,12 +435,16 @@ class WorkerManager:
         self.metrics.runtime.labels(label).observe(max(0, now - (d.updated_at or now)) / 1000)
         self.metrics.enqueue_to_complete.labels(label).observe(max(0, now - d.created_at) / 1000)
         if outcome.kind == "ok":
-            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value))
+            # run first, then dispatch: if the run's write fails, the claim is left to lapse
+            # and the run runs again, rather than an acked dispatch with an unfinished run
+            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value)) is _FAILED:
+                return
             await self._complete_dispatch(d, token, instance, RunStatus.DONE, outcome.value)
             await self._event("finished", d, {"status": "done", "output": outcome.value})
         elif outcome.kind == "waiting":
             s: Suspended = outcome.value
-            await self._update_run(d, lambda r: _waiting(r, s.ticket, s.prompt, now))
+            if await self._update_run(d, lambda r: _waiting(r, s.ticket, s.prompt, now)) is _FAILED:
+                return
             await self._complete_dispatch(d, token, instance, RunStatus.WAITING, None)
         elif outcome.kind == "permanent":
             await self._dead_letter(d, token, outcome.value, instance)
@@ -457,7 +477,8 @@ class WorkerManager:
         token = d.claim_token or ""
         now = self.clock()
         if reason is CancelReason.CANCELLED:
-            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True))
+            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True)) is _FAILED:
+                return
             await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
             await self._event("cancelled", d, {"reason": "cancelled"})
         elif reason is CancelReason.SUPERSEDED:
@@ -477,9 +498,9 @@ class WorkerManager:
         if now_d is not None and now_d.status == DispatchStatus.SUPERSEDED:
             now = self.clock()
             changed = await self._update_run(
-                d, lambda r: None if r.is_done else _finished(r, RunStatus.DONE, now, cancelled=True, error=RUN_SUPERSEDED)
+                d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True, error=RUN_SUPERSEDED)
             )
-            if changed:
+            if changed is _CHANGED:
                 await self._event("superseded", d, {"reason": "interrupt"})
 
     async def _complete_dispatch(
@@ -492,25 +513,29 @@ class WorkerManager:
 
     async def _update_run(
         self, d: RunDispatch, change: Callable[[RunRecord], RunRecord | None], missing_ok: bool = False
-    ) -> bool:
+    ) -> object:
+        """Change the run that `d` carries: `_CHANGED`, `_UNCHANGED` (finished already, or the run
+        has moved on to another dispatch: a stale owner never rewrites it), or `_FAILED`."""
         changed = False
 
-        def tracked(r: RunRecord) -> RunRecord | None:
+        def fenced(r: RunRecord) -> RunRecord | None:
             nonlocal changed
+            if r.is_done or r.dispatch_id != d.dispatch_id:
+                return None
             new = change(r)
             changed = new is not None and new != r
             return new
 
         try:
-            await self.store.update_run(d.run_id, tracked)
-            return changed
+            await self.store.update_run(d.run_id, fenced)
+            return _CHANGED if changed else _UNCHANGED
         except NotFoundError:
             if not missing_ok:
                 log.warning("event=run_missing run=%s dispatch=%s", d.run_id, d.dispatch_id)
-            return False
+            return _FAILED
         except StoreError as exc:
             log.warning("event=run_update_failed run=%s error=%s", d.run_id, exc)
-            return False
+            return _FAILED
 
     async def _call(self, coro: Any, d: RunDispatch) -> bool:
         """A store call on our claim; False (logged) if the claim is gone or the store failed."""
@@ -654,12 +679,65 @@ class WorkerManager:
             await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
         for status, n in (await self.store.count_all_by_status(snapshot=snapshot)).items():
             self.metrics.depth.labels(status.value).set(n)
+        await self.reconcile_runs(snapshot, now)
+
+    async def reconcile_runs(self, snapshot: list[ThreadState], now: int) -> int:
+        """Finish runs whose dispatch ended without them: superseded or cancelled (an interrupt
+        raced the settle, a stale claim was reclaimed), dead-lettered, or acked while the run's
+        own write failed (that run runs again). Runs changed in the last lease are left alone:
+        their owner may be settling them right now."""
+        dispatches = {d.dispatch_id: d for st in snapshot for d in st.dispatches.values()}
+        repaired = 0
+        for run in await self.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING]):
+            d = dispatches.get(run.dispatch_id or "")
+            if d is None or not d.is_terminal or max(d.updated_at, run.updated_at) > now - self.settings.lease_ms:
+                continue
+            if d.status == DispatchStatus.ACKED:
+                if run.status == RunStatus.WAITING:
+                    continue  # the durable wait: a decision resumes it
+                repaired += await self._rerun(run, now)
+            elif d.status == DispatchStatus.DEAD_LETTER:
+                if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=d.last_error)) is _CHANGED:
+                    await self._event("dead_lettered", d, {"error": d.last_error, "reconciled": True})
+                    repaired += 1
+            else:  # superseded or cancelled
+                superseded = d.status == DispatchStatus.SUPERSEDED
+                error = RUN_SUPERSEDED if superseded else None
+                if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True, error=error)) is _CHANGED:
+                    await self._event(d.status.value, d, {"reconciled": True})
+                    repaired += 1
+        return repaired
+
+    async def _rerun(self, run: RunRecord, now: int) -> int:
+        """A new dispatch for a run whose outcome was lost (its dispatch acked without it)."""
+        dispatch_id = self.store.new_token()
+        old = run.dispatch_id
+
+        def move(r: RunRecord) -> RunRecord | None:
+            if r.is_done or r.dispatch_id != old:
+                return None
+            return msgspec.structs.replace(r, dispatch_id=dispatch_id, status=RunStatus.CREATED, updated_at=now)
+
+        try:
+            moved = await self.store.update_run(run.run_id, move)
+            if moved.dispatch_id != dispatch_id:
+                return 0
+            d = RunDispatch.queued(dispatch_id, run.thread_id, run.run_id, now, priority=run.priority,
+                                   max_attempts=run.max_attempts)
+            await self.store.enqueue(d)
+        except StoreError as exc:
+            log.warning("event=rerun_failed run=%s error=%s", run.run_id, exc)
+            return 0
+        log.info("event=run_requeued run=%s reason=outcome_lost old_dispatch=%s", run.run_id, old)
+        await self._event("queued", d, {"reason": "outcome_lost"})
+        await self._signal(d)
+        return 1
 
     async def gc(self) -> int:
         """Purge terminal dispatches older than the TTL; re-enqueue runs that lost their dispatch."""
         now = self.clock()
         purged = await self.store.purge_terminal(now - self.settings.gc_ttl_ms)
-        await self.recover_lost_dispatches(now, grace_ms=self.settings.sweep_interval_ms)
+        await self.recover_lost_dispatches(now, grace_ms=max(self.settings.sweep_interval_ms, self.settings.lease_ms))
         return purged
 
     async def recover(self) -> None:
@@ -667,7 +745,8 @@ class WorkerManager:
         every queued dispatch (one pending signal per dispatch, so this is cheap to repeat)."""
         now = self.clock()
         await self.sweep()
-        await self.recover_lost_dispatches(now, grace_ms=0)
+        # a run written a moment ago by a pod still submitting it is not lost: wait a lease
+        await self.recover_lost_dispatches(now, grace_ms=self.settings.lease_ms)
         for d in await self.store.list_queued():
             await self._signal(d)
         if self.signals is None:
@@ -697,6 +776,8 @@ class WorkerManager:
             await self._signal(d)
         return count
 
+
+_CHANGED, _UNCHANGED, _FAILED = object(), object(), object()
 
 _OUTCOME_LABELS = {"ok": "completed", "transient": "transient_error", "permanent": "permanent_error"}
 
@@ -745,14 +826,14 @@ class _Hooks:
 
 
 def _started(r: RunRecord, dispatch_id: str, now: int) -> RunRecord | None:
-    if r.is_done:
-        return None
+    if r.is_done or r.dispatch_id not in (None, dispatch_id):
+        return None  # finished, or carried by another dispatch now
     return msgspec.structs.replace(
         r, status=RunStatus.RUNNING, dispatch_id=dispatch_id, attempts=r.attempts + 1, waiting=None, updated_at=now
     )
 
 
-def _waiting(r: RunRecord, ticket: str, prompt: Any, now: int) -> RunRecord:
+def _waiting(r: RunRecord, ticket: str, prompt: Any, now: int) -> RunRecord | None:
     from .model import WaitingTicket
 
     return msgspec.structs.replace(

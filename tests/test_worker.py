@@ -15,7 +15,7 @@ from service.model import RUN_SUPERSEDED, DispatchStatus, RunDispatch, RunRecord
 from service.protocol import SubmitRequest
 
 from .conftest import unique_prefix
-from .pods import Recorder, fast_settings, stop_all, submit, wait_for, wait_runs
+from .pods import Recorder, fast_settings, replace, stop_all, submit, wait_for, wait_runs
 
 
 @pytest.fixture
@@ -477,3 +477,72 @@ async def _events(pod, run_id: str):
     finally:
         await sub.unsubscribe()
     return out
+
+
+# ---------------------------------------------------------------------- reconciliation
+
+
+async def _run_with_dispatch(pod, run_id: str, thread: str, status: RunStatus, now: int | None = None) -> RunDispatch:
+    now = pod.worker.clock() if now is None else now
+    d = RunDispatch.queued(f"d-{run_id}", thread, run_id, now)
+    await pod.store.create_run(
+        RunRecord(run_id=run_id, thread_id=thread, status=status, dispatch_id=d.dispatch_id, created_at=now,
+                  updated_at=now), d)
+    return d
+
+
+async def test_the_sweep_finishes_runs_whose_dispatch_ended_without_them(nats_url, prefix):
+    rec = Recorder()
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=rec, start_api=False, start_worker=False)
+    runner = None
+    try:
+        now = pod.worker.clock()
+        # superseded under a run still marked running (a stale claim the sweep reclaimed)
+        await _run_with_dispatch(pod, "r-sup", "t1", now=now, status=RunStatus.RUNNING)
+        [c] = await pod.store.claim("t1", "dead-pod", 1, now, 1)
+        await pod.store.interrupt("t1", now)
+        await pod.store.reclaim_expired_leases(now + 10, 10)
+        # dead-lettered under a run still created
+        await _run_with_dispatch(pod, "r-dl", "t2", now=now, status=RunStatus.CREATED)
+        [c2] = await pod.store.claim("t2", "dead-pod", 60_000, now, 1)
+        await pod.store.dead_letter(c2.dispatch_id, c2.claim_token, "boom", now)
+        # acked while the run's own write failed: its outcome is lost, it must run again
+        await _run_with_dispatch(pod, "r-ack", "t3", now=now, status=RunStatus.RUNNING)
+        [c3] = await pod.store.claim("t3", "dead-pod", 60_000, now, 1)
+        await pod.store.ack(c3.dispatch_id, c3.claim_token, now)
+        # a durable wait (acked, waiting) is left alone
+        await _run_with_dispatch(pod, "r-wait", "t4", now=now, status=RunStatus.WAITING)
+        [c4] = await pod.store.claim("t4", "dead-pod", 60_000, now, 1)
+        await pod.store.ack(c4.dispatch_id, c4.claim_token, now)
+
+        later = now + pod.settings.lease_ms + 100
+        repaired = await pod.worker.reconcile_runs(await pod.store.scan(), later)
+        assert repaired == 3
+        sup = await pod.store.load_run("r-sup")
+        assert sup.status == RunStatus.DONE and sup.error == RUN_SUPERSEDED
+        dl = await pod.store.load_run("r-dl")
+        assert dl.status == RunStatus.DONE and dl.error == "boom"
+        assert await pod.worker.reconcile_runs(await pod.store.scan(), later) == 0  # idempotent
+        runner = await start_pod(fast_settings(prefix), url=nats_url, handler=rec, start_api=False)
+        [again] = await wait_runs(pod, ["r-ack"])
+        assert again.dispatch_id != c3.dispatch_id and [e.run_id for e in rec.executions] == ["r-ack"]
+        assert (await pod.store.load_run("r-wait")).status == RunStatus.WAITING
+    finally:
+        await pod.stop()
+        if runner is not None:
+            await runner.stop()
+
+
+async def test_a_stale_owner_never_rewrites_a_run_that_moved_on(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler="echo", start_api=False, start_worker=False)
+    try:
+        d = await _run_with_dispatch(pod, "r1", "t", RunStatus.RUNNING)
+        await pod.store.update_run("r1", lambda r: replace(r, dispatch_id="newer"))
+        from service.worker import _UNCHANGED, _started
+
+        outcome = await pod.worker._update_run(d, lambda r: replace(r, status=RunStatus.CREATED))
+        assert outcome is _UNCHANGED
+        assert (await pod.store.load_run("r1")).status == RunStatus.RUNNING
+        assert _started(await pod.store.load_run("r1"), d.dispatch_id, 1) is None
+    finally:
+        await pod.stop()

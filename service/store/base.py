@@ -404,6 +404,15 @@ class ThreadStore(ABC):
             await self._thread_op(dispatch.thread_id, lambda s: ops.enqueue(s, dispatch), full=not new_dispatch_id)
         except StoreUnavailableError:
             raise  # the dispatch may have landed: leave the run; recovery enqueues it if not
+        except AlreadyExistsError as exc:
+            if exc.id == dispatch.dispatch_id:
+                existing = await self.load_dispatch(dispatch.dispatch_id)
+                if existing is not None and existing.run_id == run.run_id:
+                    return  # our dispatch is there already (recovery enqueued it meanwhile)
+            await self._run_op(
+                run.thread_id, run.run_id, lambda existing: RunChange(None, delete=existing == run)
+            )
+            raise
         except StoreError:
             # the dispatch was refused (a dedupe key taken meanwhile, say): a run left behind
             # would be re-enqueued by recovery, so take it back while it is still ours alone

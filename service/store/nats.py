@@ -20,8 +20,10 @@ what we wrote before anything is retried, and nothing is compensated blindly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
+import re
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -58,7 +60,9 @@ from .ops import (
 T = TypeVar("T")
 log = logging.getLogger("mailbox.store")
 
-WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+"""A guard that failed: 10071 on a single server; a clustered leader may answer 10164 while
+another guarded write on the same subject is still in flight. Both mean: re-read, decide again."""
 MAX_BATCH = 1000
 MARKER_TTL_S = 900
 # LRU sizes of what this store remembers of its own commits (bounded memory in a long run):
@@ -84,6 +88,19 @@ class _ApiError(msgspec.Struct):
     description: str = ""
 
 
+class _StoredMsg(msgspec.Struct):
+    subject: str
+    seq: int
+    data: str | None = None
+    hdrs: str | None = None
+    time: str = ""
+
+
+class _MsgGetReply(msgspec.Struct):
+    message: _StoredMsg | None = None
+    error: _ApiError | None = None
+
+
 class _PubAck(msgspec.Struct):
     stream: str = ""
     seq: int = 0
@@ -92,12 +109,19 @@ class _PubAck(msgspec.Struct):
 
 
 _pub_ack = msgspec.json.Decoder(_PubAck)
+_msg_get = msgspec.json.Decoder(_MsgGetReply)
 _dispatch_decoder = msgspec.json.Decoder(RunDispatch)
 _run_decoder = msgspec.json.Decoder(RunRecord)
 
 
 class _Conflict(Exception):
-    """The guarded write was rejected: the subtree (or key) moved on."""
+    """The guarded write was rejected: the subtree (or key) moved on (to `current`, when the
+    server said: a re-read must see at least that much)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        m = re.search(r"wrong last sequence: (\d+)", description)
+        self.current = int(m.group(1)) if m else 0
 
 
 class _Entry(msgspec.Struct):
@@ -134,6 +158,7 @@ class NatsDispatchStore(ThreadStore):
     ) -> None:
         self.nc = nc
         self.prefix = prefix
+        self.replicas = 1
         self.bucket = keys.bucket_name(prefix)
         self.stream = keys.stream_of_bucket(self.bucket)
         self.max_record_bytes = min(max_record_bytes, nc.max_payload - 8 * 1024)
@@ -176,6 +201,7 @@ class NatsDispatchStore(ThreadStore):
             request_timeout=request_timeout,
             unavailable_after=unavailable_after,
         )
+        store.replicas = replicas
         try:
             await store._ensure_bucket(replicas)
             store._inbox = nc.new_inbox()
@@ -287,7 +313,7 @@ class NatsDispatchStore(ThreadStore):
             if outcome.change:
                 try:
                     rev = await self._commit(thread_id, rev, outcome.change)
-                except _Conflict:
+                except _Conflict as conflict:
                     self.stats.conflicts += 1
                     attempt += 1
                     if time.monotonic() > deadline:
@@ -297,7 +323,7 @@ class NatsDispatchStore(ThreadStore):
                         ) from None
                     if verified:  # a real race, not a stale cache: spread out the writers
                         await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
-                    state, rev = await self._snapshot(thread_id)
+                    state, rev = await self._snapshot(thread_id, at_least=conflict.current)
                     verified = True
                     continue
                 except BaseException:
@@ -385,15 +411,17 @@ class NatsDispatchStore(ThreadStore):
                     if len(self._runs) > RUN_CACHE:
                         self._runs.popitem(last=False)
                 return decision.result
-            except _Conflict:
+            except _Conflict as conflict:
                 self.stats.conflicts += 1
                 if time.monotonic() > deadline:
                     raise StoreUnavailableError(f"run '{run_id}' kept changing", id=run_id) from None
+                if cached is None:  # a real race: spread out the writers
+                    await asyncio.sleep(random.uniform(0, 0.005))
                 cached = None
-                run, seq = await self._get_run(key)
+                run, seq = await self._get_run(key, at_least=conflict.current)
 
-    async def _get_run(self, key: str) -> tuple[RunRecord | None, int]:
-        entry = await self._get_last(key)
+    async def _get_run(self, key: str, at_least: int = 0) -> tuple[RunRecord | None, int]:
+        entry = await self._get_last(key, at_least)
         if entry is None:
             return None, 0
         return (None if entry.deleted else _run_decoder.decode(entry.data)), entry.seq
@@ -421,8 +449,8 @@ class NatsDispatchStore(ThreadStore):
                 await self._publish(key, data, {"Nats-Expected-Last-Subject-Sequence": str(expected)})
                 self._remember_alias(kind, id, thread_id)
                 return thread_id, expected == 0
-            except _Conflict:
-                current = await self._get_last(key)
+            except _Conflict as conflict:
+                current = await self._get_last(key, conflict.current)
                 if current is not None and not current.deleted:
                     bound = current.data.decode()
                     self._remember_alias(kind, id, bound)
@@ -501,9 +529,11 @@ class NatsDispatchStore(ThreadStore):
 
     # ------------------------------------------------------------------ snapshot and commit
 
-    async def _snapshot(self, thread_id: str) -> tuple[ThreadState, int]:
+    async def _snapshot(self, thread_id: str, at_least: int = 0) -> tuple[ThreadState, int]:
+        """The thread as of its latest revision, and that revision. `at_least`: a revision the
+        server reported (after a conflict): a replica behind it must not answer."""
         prefix = f"{self._kv}{keys.thread_prefix(thread_id)}."
-        entries = await self._read_subtree(prefix + ">")
+        entries = await self._read_subtree(prefix + ">", at_least)
         self.stats.snapshots += 1
         state = ThreadState(thread_id=thread_id, dispatches={})
         rev = 0
@@ -514,11 +544,11 @@ class NatsDispatchStore(ThreadStore):
         self._remember_thread(state, rev)
         return state, rev
 
-    async def _read_subtree(self, subject_filter: str) -> list[_Entry]:
+    async def _read_subtree(self, subject_filter: str, at_least: int = 0) -> list[_Entry]:
         """The last message of every key under a filter, in one round trip when possible."""
         request: dict[str, Any] = {"multi_last": [subject_filter], "batch": 1024}
-        if self._high_water:
-            request["min_last_seq"] = self._high_water
+        if max(self._high_water, at_least):
+            request["min_last_seq"] = max(self._high_water, at_least)
         status, msgs = await self._batch_get(request)
         if status == 413:  # more keys than one multi_last answers: scan the subtree in order
             return await self._scan(subject_filter)
@@ -592,7 +622,7 @@ class NatsDispatchStore(ThreadStore):
                 self._high_water = max(self._high_water, ack.seq)
                 self.stats.publishes += 1
                 return ack.seq
-            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+            if ack.error.err_code in WRONG_LAST_SEQUENCE:
                 raise _Conflict(ack.error.description)
             if ack.error.code == 503 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)  # no stream leader right now (cluster election)
@@ -645,7 +675,7 @@ class NatsDispatchStore(ThreadStore):
             raise StoreUnavailableError(f"atomic batch on {subtree} failed: {exc!r}") from exc
         ack = _pub_ack.decode(reply.data)
         if ack.error is not None:
-            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+            if ack.error.err_code in WRONG_LAST_SEQUENCE:
                 raise _Conflict(ack.error.description)
             raise StoreUnavailableError(f"atomic batch on {subtree} rejected: {ack.error.description}")
         self._high_water = max(self._high_water, ack.seq)
@@ -656,13 +686,20 @@ class NatsDispatchStore(ThreadStore):
         entry = await self._get_last(key)
         return entry.seq if entry is not None else 0
 
-    async def _get_last(self, key: str) -> _Entry | None:
-        """Direct get of a key's last message (tombstones included), or None if it has none."""
+    async def _get_last(self, key: str, at_least: int = 0) -> _Entry | None:
+        """A key's last message (tombstones included), or None if it has none. Read from any
+        replica that has caught up with what this store wrote (and with `at_least`); on a
+        replicated bucket an absence is confirmed by the stream leader, since a replica may
+        not have another client's write yet."""
         deadline = time.monotonic() + self._unavailable_after
         self.stats.gets += 1
+        request: dict[str, Any] = {"last_by_subj": self._kv + key}
+        if max(self._high_water, at_least):
+            request["min_last_seq"] = max(self._high_water, at_least)
+        payload = msgspec.json.encode(request)
         while True:
             try:
-                msg = await self.nc.request(f"{self._direct}.{self._kv}{key}", b"", timeout=self._timeout)
+                msg = await self.nc.request(self._direct, payload, timeout=self._timeout)
             except _TRANSIENT as exc:
                 if time.monotonic() > deadline:
                     raise StoreUnavailableError(f"read of {key} failed: {exc!r}", id=key) from exc
@@ -670,11 +707,36 @@ class NatsDispatchStore(ThreadStore):
                 continue
             status = _status(msg)
             if status == 404:
-                return None
+                return await self._get_last_from_leader(key) if self.replicas > 1 else None
             if status is None:
                 return _entry(msg)
             if time.monotonic() > deadline:
                 raise StoreUnavailableError(f"read of {key} failed with status {status}", id=key)
+            await asyncio.sleep(0.05)
+
+    async def _get_last_from_leader(self, key: str) -> _Entry | None:
+        """A key's last message as the stream leader has it (STREAM.MSG.GET)."""
+        payload = msgspec.json.encode({"last_by_subj": self._kv + key})
+        deadline = time.monotonic() + self._unavailable_after
+        while True:
+            try:
+                msg = await self.nc.request(f"$JS.API.STREAM.MSG.GET.{self.stream}", payload, timeout=self._timeout)
+                reply = _msg_get.decode(msg.data)
+            except (*_TRANSIENT, msgspec.DecodeError) as exc:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailableError(f"leader read of {key} failed: {exc!r}", id=key) from exc
+                await asyncio.sleep(0.05)
+                continue
+            if reply.message is not None:
+                m = reply.message
+                headers = base64.b64decode(m.hdrs) if m.hdrs else b""
+                deleted = b"KV-Operation: DEL" in headers or b"KV-Operation: PURGE" in headers
+                return _Entry(subject=m.subject, seq=m.seq, data=base64.b64decode(m.data or ""), deleted=deleted,
+                              stamp=m.time)
+            if reply.error is not None and reply.error.code == 404:
+                return None
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(f"leader read of {key} failed: {reply.error}", id=key)
             await asyncio.sleep(0.05)
 
     async def _batch_get(self, request: dict[str, Any]) -> tuple[int, list[Msg]]:
