@@ -21,8 +21,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# CHAOS_SEED=n re-runs a seed (default: a random one, printed); CHAOS_ARGS="--workdir d"
+# keeps the journal and logs; see docs/reliability.md
 chaos: $(STAMP)
-	$(PY) -m service.chaos --runs 2000 --threads 200
+	$(PY) -m tests.chaos --runs 2000 --threads 200 $(if $(CHAOS_SEED),--seed $(CHAOS_SEED),) $(CHAOS_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
