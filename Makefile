@@ -26,8 +26,10 @@ test: $(STAMP)
 chaos: $(STAMP)
 	$(PY) -m tests.chaos --runs 2000 --threads 200 $(if $(CHAOS_SEED),--seed $(CHAOS_SEED),) $(CHAOS_ARGS)
 
+# the plot needs matplotlib (the `bench` extra), installed here so `make test` stays lean
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 schemas: $(STAMP)
 	$(PY) -m service.schemas

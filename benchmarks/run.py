@@ -5,7 +5,7 @@ Prints a table and writes docs/performance.md and docs/performance.png. Every sc
 runs on a fresh prefix of the same server; the baselines run on the same server in the
 same run, so ratios survive a noisy machine.
 
-    python -m benchmarks.run [--quick]
+    python -m benchmarks.run [--quick] [--no-docs] [--only soak]
 """
 
 from __future__ import annotations
@@ -390,6 +390,23 @@ async def main(quick: bool) -> dict[str, Any]:
     return results
 
 
+async def only(name: str, quick: bool) -> dict[str, Any]:
+    """One scenario on its own (for re-measuring after a change): its raw result."""
+    scale = 0.1 if quick else 1.0
+    scenarios = {
+        "throughput": lambda url: throughput(url, int(20_000 * scale), 1000),
+        "idle": lambda url: at_rate(url, 200, 1.5, 1000),
+        "history": lambda url: history(url, 10_000 if quick else 100_000, 100 if quick else 300),
+        "hot": lambda url: hot_thread(url, True, per_other=1 if quick else 3),
+        "soak": lambda url: soak(url, int(100_000 * scale), 1000),
+    }
+    server = NatsServer().start()
+    try:
+        return {"machine": machine(), name: await scenarios[name](server.url)}
+    finally:
+        server.cleanup()
+
+
 def report(r: dict[str, Any]) -> str:
     t, half, idle, soak_r = r["throughput"], r["half_load"], r["idle"], r["soak"]
     h1, h2 = r["history"]
@@ -466,9 +483,14 @@ Raw results:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="10% sizes (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="10%% sizes (a smoke run)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
+    parser.add_argument("--only", choices=["throughput", "idle", "history", "hot", "soak"],
+                        help="run one scenario and print its raw result (no table, no docs)")
     args = parser.parse_args()
+    if args.only:
+        print(json.dumps(asyncio.run(only(args.only, args.quick)), indent=1, default=float))
+        sys.exit(0)
     results = asyncio.run(main(args.quick))
     table = report(results)
     print(table)

@@ -371,9 +371,9 @@ class MailboxApi:
         if req.thread_id is not None:
             rows = await self.store.list_dispatches(req.thread_id, [DispatchStatus.DEAD_LETTER], req.limit + 1, req.offset)
         else:
-            terminal = await self.store.list_terminal_dispatches()
-            dead = [d for d in terminal if d.status == DispatchStatus.DEAD_LETTER]
-            rows = dead[req.offset : req.offset + req.limit + 1]
+            rows = await self.store.list_terminal_dispatches(
+                req.limit + 1, req.offset, statuses=[DispatchStatus.DEAD_LETTER]
+            )
         page, next_offset = _page_reply(rows, req.limit, req.offset)
         return DeadLettersReply(dispatches=page, next_offset=next_offset)
 

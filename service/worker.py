@@ -660,12 +660,13 @@ class WorkerManager:
                 log.warning("event=maintenance_failed error=%s", exc)
 
     async def sweep(self) -> None:
-        """One scan of the bucket: reclaim expired leases, republish signals for queued work
-        nobody is waking, and refresh the depth gauges."""
+        """One pass over the bucket: reclaim expired leases, republish signals for queued work
+        nobody is waking, refresh the depth gauges, and reconcile runs with their dispatches."""
         now = self.clock()
-        snapshot = await self.store.scan()
+        open_runs = await self.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING])
+        survey = await self.store.survey(now, want={r.dispatch_id for r in open_runs if r.dispatch_id}, expired_limit=100)
         with self.metrics.timed("reclaim"):
-            reclaimed = await self.store.reclaim_expired_leases(now, 100, snapshot=snapshot)
+            reclaimed = await self.store.reclaim_expired_leases(now, 100, candidates=survey.expired)
         self.metrics.reclaims.inc(len(reclaimed))
         for d in reclaimed:
             if d.status == DispatchStatus.QUEUED:
@@ -675,20 +676,20 @@ class WorkerManager:
                 await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=d.last_error))
                 await self._event("dead_lettered", d, {"error": d.last_error, "attempts": d.attempt_count})
         bucket = now // self.settings.republish_after_ms
-        for d in await self.store.list_queued(available_before=now, snapshot=snapshot):
-            await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
-        for status, n in (await self.store.count_all_by_status(snapshot=snapshot)).items():
+        for d in survey.queued:
+            if d.available_at <= now:
+                await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
+        for status, n in survey.counts.items():
             self.metrics.depth.labels(status.value).set(n)
-        await self.reconcile_runs(snapshot, now)
+        await self.reconcile_runs(open_runs, survey.wanted, now)
 
-    async def reconcile_runs(self, snapshot: list[ThreadState], now: int) -> int:
+    async def reconcile_runs(self, open_runs: list[RunRecord], dispatches: dict[str, RunDispatch], now: int) -> int:
         """Finish runs whose dispatch ended without them: superseded or cancelled (an interrupt
         raced the settle, a stale claim was reclaimed), dead-lettered, or acked while the run's
-        own write failed (that run runs again). Runs changed in the last lease are left alone:
-        their owner may be settling them right now."""
-        dispatches = {d.dispatch_id: d for st in snapshot for d in st.dispatches.values()}
+        own write failed (that run runs again). `dispatches`: the open runs' dispatches by id.
+        Runs changed in the last lease are left alone: their owner may be settling them now."""
         repaired = 0
-        for run in await self.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING]):
+        for run in open_runs:
             d = dispatches.get(run.dispatch_id or "")
             if d is None or not d.is_terminal or max(d.updated_at, run.updated_at) > now - self.settings.lease_ms:
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 
 import msgspec
 import nats
@@ -161,6 +162,39 @@ async def test_claim_reads_only_its_thread_whatever_the_history(nats_store):
     state = await s.read_thread("hot")
     assert list(state.dispatches) == ["mine"]
     assert await s.count_dispatches_by_status(DispatchStatus.ACKED) == 10_000  # the history is there
+
+
+async def test_maintenance_passes_hold_one_page_not_the_history(nats_store):
+    """A sweep's survey and a GC pass stream the bucket: their peak memory is bounded by a
+    page and the live work, not by the terminal history (which grows until GC)."""
+    s = nats_store
+    payload = "x" * 400
+    history = [
+        msgspec.structs.replace(
+            q(f"old{i}", thread_id=f"other{i % 500}"), status=DispatchStatus.ACKED, completed_at=1000, last_error=payload
+        )
+        for i in range(20_000)
+    ]
+    await raw_put(s, history)
+    del history
+    await s.enqueue(q("live", thread_id="hot", created_at=5000))
+    await s.survey(now=6000)  # warm up decoders and connection buffers
+
+    tracemalloc.start()
+    try:
+        survey = await s.survey(now=6000, want={"old7"})
+        _, survey_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        assert await s.purge_terminal(older_than=0) == 0  # nothing old enough: a full pass, no deletes
+        _, gc_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert survey.counts[DispatchStatus.ACKED] == 20_000 and [d.dispatch_id for d in survey.queued] == ["live"]
+    assert list(survey.wanted) == ["old7"]
+    # measured: ~6 MB (a page of 2,000 records as messages, entries and decoded records);
+    # holding the whole history, as a list of records, peaks at ~36 MB here
+    assert survey_peak < 12_000_000, survey_peak
+    assert gc_peak < 12_000_000, gc_peak
 
 
 async def test_a_thread_with_more_keys_than_one_batch_read_still_works(nats_store):

@@ -516,13 +516,13 @@ async def test_the_sweep_finishes_runs_whose_dispatch_ended_without_them(nats_ur
         await pod.store.ack(c4.dispatch_id, c4.claim_token, now)
 
         later = now + pod.settings.lease_ms + 100
-        repaired = await pod.worker.reconcile_runs(await pod.store.scan(), later)
+        repaired = await _reconcile(pod, later)
         assert repaired == 3
         sup = await pod.store.load_run("r-sup")
         assert sup.status == RunStatus.DONE and sup.error == RUN_SUPERSEDED
         dl = await pod.store.load_run("r-dl")
         assert dl.status == RunStatus.DONE and dl.error == "boom"
-        assert await pod.worker.reconcile_runs(await pod.store.scan(), later) == 0  # idempotent
+        assert await _reconcile(pod, later) == 0  # idempotent
         runner = await start_pod(fast_settings(prefix), url=nats_url, handler=rec, start_api=False)
         [again] = await wait_runs(pod, ["r-ack"])
         assert again.dispatch_id != c3.dispatch_id and [e.run_id for e in rec.executions] == ["r-ack"]
@@ -546,3 +546,10 @@ async def test_a_stale_owner_never_rewrites_a_run_that_moved_on(nats_url, prefix
         assert _started(await pod.store.load_run("r1"), d.dispatch_id, 1) is None
     finally:
         await pod.stop()
+
+
+async def _reconcile(pod, now: int) -> int:
+    """The sweep's reconciliation step on its own, at `now`."""
+    runs = await pod.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING])
+    survey = await pod.store.survey(want={r.dispatch_id for r in runs if r.dispatch_id})
+    return await pod.worker.reconcile_runs(runs, survey.wanted, now)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Literal, TypeVar
 
 import msgspec
@@ -102,8 +102,9 @@ class ThreadStore(ABC):
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
 
     @abstractmethod
-    async def _scan_threads(self) -> list[ThreadState]:
-        """Every thread, in one bounded pass. Only maintenance and global views use it."""
+    def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
+        """Every dispatch of every thread, streamed page by page (never the whole bucket in
+        memory at once). Only maintenance and global views use it."""
 
     @abstractmethod
     async def _run_op(
@@ -120,7 +121,8 @@ class ThreadStore(ABC):
     async def _thread_runs(self, thread_id: str) -> list[RunRecord]: ...
 
     @abstractmethod
-    async def _scan_runs(self) -> list[RunRecord]: ...
+    def _iter_runs(self) -> AsyncIterator[RunRecord]:
+        """Every run record, streamed like `_iter_dispatches`."""
 
     async def close(self) -> None:
         """Release the backend's resources."""
@@ -266,50 +268,55 @@ class ThreadStore(ABC):
 
     # ------------------------------------------------------------------ global views
 
-    async def scan(self) -> list[ThreadState]:
-        """Every thread in one bounded pass. Global views accept it as `snapshot=` so the
-        maintenance leader reads the bucket once per sweep, not once per view."""
-        return await self._scan_threads()
-
-    async def _scan_or(self, snapshot: list[ThreadState] | None) -> list[ThreadState]:
-        return snapshot if snapshot is not None else await self._scan_threads()
+    async def survey(
+        self, now: int | None = None, want: Collection[str] = (), expired_limit: int | None = None
+    ) -> Survey:
+        """One streamed pass over every dispatch, keeping only what maintenance needs: the
+        counts, the queued dispatches, claims expired at `now` (up to `expired_limit`) and the
+        dispatches named in `want`. Memory stays bounded by the live work, not the history."""
+        survey = Survey(counts={s: 0 for s in DispatchStatus})
+        wanted = set(want)
+        async for d in self._iter_dispatches():
+            survey.counts[d.status] += 1
+            if d.dispatch_id in wanted:
+                survey.wanted[d.dispatch_id] = d
+            if d.status == DispatchStatus.QUEUED:
+                survey.queued.append(d)
+            elif (
+                now is not None
+                and d.status == DispatchStatus.CLAIMED
+                and d.lease_until is not None
+                and d.lease_until < now
+                and (expired_limit is None or len(survey.expired) < expired_limit)
+            ):
+                survey.expired.append(d)
+        return survey
 
     async def count_dispatches_by_status(self, status: DispatchStatus) -> int:
-        return sum(1 for st in await self._scan_threads() for d in st.dispatches.values() if d.status == status)
+        return (await self.survey()).counts[status]
 
-    async def count_all_by_status(self, snapshot: list[ThreadState] | None = None) -> dict[DispatchStatus, int]:
-        """Every status's count from one scan (metrics)."""
-        counts = {s: 0 for s in DispatchStatus}
-        for st in await self._scan_or(snapshot):
-            for d in st.dispatches.values():
-                counts[d.status] += 1
-        return counts
+    async def count_all_by_status(self) -> dict[DispatchStatus, int]:
+        """Every status's count from one pass (metrics, stats)."""
+        return (await self.survey()).counts
 
-    async def list_terminal_dispatches(self, limit: int | None = None, offset: int = 0) -> list[RunDispatch]:
+    async def list_terminal_dispatches(
+        self, limit: int | None = None, offset: int = 0, statuses: Collection[DispatchStatus] | None = None
+    ) -> list[RunDispatch]:
+        """Terminal dispatches (of `statuses`, if given) on every thread, oldest first."""
+        wanted = TERMINAL_STATUSES if statuses is None else set(statuses) & TERMINAL_STATUSES
         rows = sorted(
-            (d for st in await self._scan_threads() for d in st.dispatches.values() if d.status in TERMINAL_STATUSES),
+            [d async for d in self._iter_dispatches() if d.status in wanted],
             key=lambda d: (d.updated_at, d.created_at, d.dispatch_id),
         )
         return _page(rows, limit, offset)
 
     async def queued_thread_ids(self) -> list[str]:
-        return sorted(
-            {
-                st.thread_id
-                for st in await self._scan_threads()
-                if any(d.status == DispatchStatus.QUEUED for d in st.dispatches.values())
-            }
-        )
+        return sorted({d.thread_id for d in (await self.survey()).queued})
 
-    async def list_queued(
-        self, available_before: int | None = None, snapshot: list[ThreadState] | None = None
-    ) -> list[RunDispatch]:
+    async def list_queued(self, available_before: int | None = None) -> list[RunDispatch]:
         """Queued dispatches on every thread (available at `available_before`, if given)."""
         return [
-            d
-            for st in await self._scan_or(snapshot)
-            for d in st.dispatches.values()
-            if d.status == DispatchStatus.QUEUED and (available_before is None or d.available_at <= available_before)
+            d for d in (await self.survey()).queued if available_before is None or d.available_at <= available_before
         ]
 
     @abstractmethod
@@ -317,20 +324,17 @@ class ThreadStore(ABC):
         """Take or keep the lease `name` for `holder` (one pod at a time runs maintenance)."""
 
     async def reclaim_expired_leases(
-        self, now: int, limit: int, snapshot: list[ThreadState] | None = None
+        self, now: int, limit: int, candidates: list[RunDispatch] | None = None
     ) -> list[RunDispatch]:
         """Requeue (or dead-letter) claimed dispatches whose `lease_until < now`; stale ones are
         superseded and not returned. Each candidate is re-decided on a fresh read, so
-        concurrent sweeps reclaim each dispatch once (and a stale snapshot is harmless)."""
+        concurrent sweeps reclaim each dispatch once (and stale `candidates`, from an earlier
+        `survey`, are harmless)."""
         _check_non_negative(now=now, limit=limit)
-        candidates = [
-            d
-            for st in await self._scan_or(snapshot)
-            for d in st.dispatches.values()
-            if d.status == DispatchStatus.CLAIMED and d.lease_until is not None and d.lease_until < now
-        ][:limit]
+        if candidates is None:
+            candidates = (await self.survey(now, expired_limit=limit)).expired
         reclaimed: list[RunDispatch] = []
-        for d in candidates:
+        for d in candidates[:limit]:
             result = await self._thread_op(
                 d.thread_id, lambda s, i=d.dispatch_id: ops.reclaim_expired(s, i, now)
             )
@@ -341,36 +345,41 @@ class ThreadStore(ABC):
     async def purge_terminal(self, older_than: int) -> int:
         """Delete terminal dispatches with `updated_at < older_than`, then finished runs that
         no dispatch refers to any more, and the epoch of a thread left without dispatches;
-        returns the number of dispatches deleted."""
-        runs_by_thread: dict[str, list[RunRecord]] = {}
-        for r in await self._scan_runs():
-            runs_by_thread.setdefault(r.thread_id, []).append(r)
-        purged = 0
-        for st in await self._scan_threads():
-            if any(d.is_terminal and d.updated_at < older_than for d in st.dispatches.values()):
-                recorded = {r.run_id for r in runs_by_thread.get(st.thread_id, [])}
-                purged += await self._thread_op(
-                    st.thread_id, lambda s: ops.purge_terminal(s, older_than, recorded), full=True
-                )
-        for thread_id, runs in runs_by_thread.items():
-            candidates = [r for r in runs if r.is_done and r.updated_at < older_than]
-            if not candidates:
-                continue
-            referenced = {d.run_id for d in (await self._read_thread(thread_id)).dispatches.values()}
-            for r in candidates:
-                await self._run_op(thread_id, r.run_id, lambda x: ops.purge_run(x, older_than, referenced))
-        threads = await self._scan_threads()
-        live_dispatches = {i for st in threads for i in st.dispatches}
-        live_runs = {r.run_id for r in await self._scan_runs()} | {
-            d.run_id for st in threads for d in st.dispatches.values()
+        returns the number of dispatches deleted. Streams the bucket; holds only candidates."""
+        threads = {
+            d.thread_id async for d in self._iter_dispatches() if d.is_terminal and d.updated_at < older_than
         }
-        await self._purge_orphan_aliases(older_than, live_dispatches, live_runs)
+        purged = 0
+        for thread_id in sorted(threads):
+            recorded = {r.run_id for r in await self._thread_runs(thread_id)}
+            purged += await self._thread_op(
+                thread_id, lambda s: ops.purge_terminal(s, older_than, recorded), full=True
+            )
+        finished: dict[str, list[str]] = {}
+        async for r in self._iter_runs():
+            if r.is_done and r.updated_at < older_than:
+                finished.setdefault(r.thread_id, []).append(r.run_id)
+        for thread_id, run_ids in finished.items():
+            referenced = {d.run_id for d in (await self._read_thread(thread_id)).dispatches.values()}
+            for run_id in run_ids:
+                await self._run_op(thread_id, run_id, lambda x: ops.purge_run(x, older_than, referenced))
+        await self._purge_orphan_aliases(older_than)
         return purged
 
-    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+    async def _purge_orphan_aliases(self, older_than: int) -> int:
         """Drop aliases (id → thread) written before `older_than` whose record is gone or never
         came; returns how many. A backend without separate alias keys has nothing to do."""
         return 0
+
+    async def _alias_in_use(self, kind: AliasKind, id: str, thread_id: str) -> bool:
+        """Whether a record still holds the id: the dispatch itself, or for a run id its run
+        record or any dispatch of it (a dispatch reserves its run id until it is purged)."""
+        state = await self._read_thread(thread_id)
+        if kind == "dispatch":
+            return id in state.dispatches
+        return any(d.run_id == id for d in state.dispatches.values()) or (
+            await self._read_run(thread_id, id) is not None
+        )
 
     # ------------------------------------------------------------------ runs
 
@@ -456,9 +465,18 @@ class ThreadStore(ABC):
         return _page(rows, limit, offset)
 
     async def scan_runs(self, statuses: list[RunStatus]) -> list[RunRecord]:
-        """Runs in these statuses on every thread (startup recovery)."""
+        """Runs in these statuses on every thread (recovery, reconciliation)."""
         wanted = set(statuses)
-        return [r for r in await self._scan_runs() if r.status in wanted]
+        return [r async for r in self._iter_runs() if r.status in wanted]
+
+
+class Survey(msgspec.Struct):
+    """What one pass over every dispatch found (see `ThreadStore.survey`)."""
+
+    counts: dict[DispatchStatus, int]
+    queued: list[RunDispatch] = msgspec.field(default_factory=list)
+    expired: list[RunDispatch] = msgspec.field(default_factory=list)
+    wanted: dict[str, RunDispatch] = msgspec.field(default_factory=dict)
 
 
 def _page(rows: list[T], limit: int | None, offset: int) -> list[T]:

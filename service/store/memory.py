@@ -6,10 +6,10 @@ respect to every other method on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from ..model import RunRecord
+from ..model import RunDispatch, RunRecord
 from . import ops
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
 from .ops import DeleteDispatch, ForgetRun, Outcome, PutDispatch, RunChange, ThreadState
@@ -71,12 +71,15 @@ class MemoryDispatchStore(ThreadStore):
     async def _thread_runs(self, thread_id: str) -> list[RunRecord]:
         return [r for r in self._runs.values() if r.thread_id == thread_id]
 
-    async def _scan_runs(self) -> list[RunRecord]:
-        return list(self._runs.values())
+    async def _iter_runs(self) -> AsyncIterator[RunRecord]:
+        for run in list(self._runs.values()):
+            yield run
 
-    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+    async def _purge_orphan_aliases(self, older_than: int) -> int:
         # one process, no crash between an alias and its record: orphans come only from
         # refused enqueues, and nothing else can be mid-write now
+        dispatch_ids = {i for st in self._threads.values() for i in st.dispatches}
+        run_ids = set(self._runs) | {d.run_id for st in self._threads.values() for d in st.dispatches.values()}
         orphans = [
             key
             for key in self._aliases
@@ -100,8 +103,9 @@ class MemoryDispatchStore(ThreadStore):
         self._leaders[name] = (holder, now + ttl_ms)
         return True
 
-    async def _scan_threads(self) -> list[ThreadState]:
-        return [_copy(s) for s in self._threads.values()]
+    async def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
+        for d in [d for st in self._threads.values() for d in st.dispatches.values()]:
+            yield d
 
 
 def _copy(state: ThreadState) -> ThreadState:

@@ -27,7 +27,7 @@ import re
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -437,8 +437,11 @@ class NatsDispatchStore(ThreadStore):
         entries = await self._read_subtree(prefix)
         return [_run_decoder.decode(e.data) for e in entries if not e.deleted]
 
-    async def _scan_runs(self) -> list[RunRecord]:
-        return [_run_decoder.decode(e.data) for e in await self._scan(f"{self._kv}r.>") if not e.deleted]
+    async def _iter_runs(self) -> AsyncIterator[RunRecord]:
+        async for page in self._scan_pages(f"{self._kv}r.>"):
+            for e in page:
+                if not e.deleted:
+                    yield _run_decoder.decode(e.data)
 
     async def _bind(self, kind: AliasKind, id: str, thread_id: str) -> tuple[str, bool]:
         key = _alias_key(kind, id)
@@ -492,17 +495,19 @@ class NatsDispatchStore(ThreadStore):
             return False
         return True
 
-    async def _purge_orphan_aliases(self, older_than: int, dispatch_ids: set[str], run_ids: set[str]) -> int:
+    async def _purge_orphan_aliases(self, older_than: int) -> int:
         """Aliases written before `older_than` whose record does not exist (a crash between
         the alias and the record, or a refused enqueue): purged, each guarded by its own
-        sequence so an alias re-bound meanwhile is kept."""
+        sequence so an alias re-bound meanwhile is kept. Only old aliases are checked, one by
+        one: they are few, as a purged record takes its alias with it."""
         purged = 0
-        for prefix, kind, live in (("id.", "dispatch", dispatch_ids), ("run.", "run", run_ids)):
-            for e in await self._scan(f"{self._kv}{prefix}>"):
-                if e.deleted:
-                    continue
+        for prefix, kind in (("id.", "dispatch"), ("run.", "run")):
+            old: list[_Entry] = []
+            async for page in self._scan_pages(f"{self._kv}{prefix}>"):
+                old += [e for e in page if not e.deleted and e.written_ms() < older_than]
+            for e in old:
                 id = keys.unH(e.subject[len(self._kv) + len(prefix) :])
-                if id in live or e.written_ms() >= older_than:
+                if await self._alias_in_use(kind, id, e.data.decode()):  # type: ignore[arg-type]
                     continue
                 try:
                     await self._publish(
@@ -514,18 +519,11 @@ class NatsDispatchStore(ThreadStore):
                 purged += 1
         return purged
 
-    async def _scan_threads(self) -> list[ThreadState]:
-        threads: dict[str, ThreadState] = {}
-        for e in await self._scan(f"{self._kv}t.>"):
-            if e.deleted:
-                continue
-            thread_token, rest = _split_thread_key(e.subject[len(self._kv) :])
-            thread_id = keys.unH(thread_token)
-            st = threads.get(thread_id)
-            if st is None:
-                st = threads[thread_id] = ThreadState(thread_id=thread_id, dispatches={})
-            _absorb(st, rest, e.data)
-        return list(threads.values())
+    async def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
+        async for page in self._scan_pages(f"{self._kv}t.>"):
+            for e in page:
+                if not e.deleted and _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
+                    yield _dispatch_decoder.decode(e.data)
 
     # ------------------------------------------------------------------ snapshot and commit
 
@@ -791,18 +789,26 @@ class NatsDispatchStore(ThreadStore):
                 msgs.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)  # type: ignore[attr-defined]
             done.set_result(status)
 
-    async def _scan(self, subject_filter: str, page: int = 2_000) -> list[_Entry]:
-        """Every key matching the filter (last value each), in stream order, page by page."""
-        out: list[_Entry] = []
+    async def _scan(self, subject_filter: str) -> list[_Entry]:
+        """Every key matching the filter (last value each), in stream order."""
+        return [e async for page in self._scan_pages(subject_filter) for e in page]
+
+    async def _scan_pages(self, subject_filter: str, page: int = 2_000) -> AsyncIterator[list[_Entry]]:
+        """Every key matching the filter (last value each), in stream order, one page at a
+        time, so a scan of a big bucket holds one page, not the bucket."""
         seq = 1
         while True:
             status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
             self.stats.scanned_keys += len(msgs)
-            out.extend(_entry(m) for m in msgs)
+            entries = [_entry(m) for m in msgs]
+            more = status == 204 and bool(entries) and bool(getattr(msgs, "pending", 0))
+            del msgs  # hold the page once, as entries
+            if entries:
+                yield entries
             # the server may send fewer than asked (a byte limit): go on while it says more match
-            if status != 204 or not msgs or not getattr(msgs, "pending", 0):
-                return out
-            seq = out[-1].seq + 1
+            if not more:
+                return
+            seq = entries[-1].seq + 1
 
 
 class _Batch(list):  # type: ignore[type-arg]
