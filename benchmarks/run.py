@@ -337,15 +337,13 @@ async def soak(url: str, n: int, threads: int) -> dict[str, Any]:
     svc = Service(url, f"bs{random.randrange(10**6)}")
     try:
         async with Load(url, svc.prefix) as load:
-            rss = {}
+            series = []  # RSS after each tenth of the soak
             for part in range(10):
                 await submit_burst(load, n // 10, threads)
                 await load.wait_all((part + 1) * (n // 10))
-                if part == 0:
-                    rss["10%"] = svc.rss_mb()
-            rss["100%"] = svc.rss_mb()
-            return {"runs": n, "rss_10pct_mb": rss["10%"], "rss_100pct_mb": rss["100%"],
-                    "growth_pct": 100 * (rss["100%"] - rss["10%"]) / rss["10%"]}
+                series.append(round(svc.rss_mb(), 1))
+            return {"runs": n, "rss_10pct_mb": series[0], "rss_100pct_mb": series[-1], "rss_series_mb": series,
+                    "growth_pct": 100 * (series[-1] - series[0]) / series[0]}
     finally:
         svc.stop()
 
@@ -459,6 +457,10 @@ def write_docs(r: dict[str, Any], table: str) -> None:
         plot = "![throughput and latency against offered load](performance.png)\n"
     except ImportError:
         plot = "(matplotlib not installed: no plot)\n"
+    # the hand-written analysis below the marker survives a re-run
+    marker = "<!-- analysis: written by hand, kept by make bench -->"
+    previous = (docs / "performance.md").read_text() if (docs / "performance.md").exists() else ""
+    analysis = previous[previous.index(marker):] if marker in previous else marker + "\n"
     body = f"""# Performance
 
 Measured by `make bench` (benchmarks/run.py): one nats-server, one service process
@@ -477,7 +479,8 @@ Raw results:
 ```json
 {json.dumps(r, indent=1, default=float)}
 ```
-"""
+
+{analysis}"""
     (docs / "performance.md").write_text(body)
 
 

@@ -793,7 +793,7 @@ class NatsDispatchStore(ThreadStore):
         """Every key matching the filter (last value each), in stream order."""
         return [e async for page in self._scan_pages(subject_filter) for e in page]
 
-    async def _scan_pages(self, subject_filter: str, page: int = 2_000) -> AsyncIterator[list[_Entry]]:
+    async def _scan_pages(self, subject_filter: str, page: int = 1_000) -> AsyncIterator[list[_Entry]]:
         """Every key matching the filter (last value each), in stream order, one page at a
         time, so a scan of a big bucket holds one page, not the bucket."""
         seq = 1
