@@ -433,30 +433,35 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(r: dict[str, Any], table: str) -> None:
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
+def draw_curve(curve: list[dict[str, Any]], path: Path) -> str:
+    """Throughput and submit→start latency against offered load; the Markdown that shows it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        offered = [c["offered_per_s"] for c in r["curve"]]
-        fig, ax1 = plt.subplots(figsize=(7, 4))
-        ax1.plot(offered, [c["achieved_per_s"] for c in r["curve"]], "o-", label="achieved runs/s")
-        ax1.set_xlabel("offered load (runs/s)")
-        ax1.set_ylabel("runs/s")
-        ax2 = ax1.twinx()
-        ax2.plot(offered, [c["start_p50_ms"] for c in r["curve"]], "s--", color="tab:orange", label="submit→start p50")
-        ax2.plot(offered, [c["start_p99_ms"] for c in r["curve"]], "^--", color="tab:red", label="submit→start p99")
-        ax2.set_ylabel("ms")
-        fig.legend(loc="upper left")
-        fig.tight_layout()
-        fig.savefig(docs / "performance.png", dpi=110)
-        plot = "![throughput and latency against offered load](performance.png)\n"
     except ImportError:
-        plot = "(matplotlib not installed: no plot)\n"
+        return "(matplotlib not installed: no plot)\n"
+    offered = [c["offered_per_s"] for c in curve]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(offered, [c["achieved_per_s"] for c in curve], "o-", label="achieved runs/s")
+    ax1.set_xlabel("offered load (runs/s)")
+    ax1.set_ylabel("runs/s")
+    ax2 = ax1.twinx()
+    ax2.plot(offered, [c["start_p50_ms"] for c in curve], "s--", color="tab:orange", label="submit→start p50")
+    ax2.plot(offered, [c["start_p99_ms"] for c in curve], "^--", color="tab:red", label="submit→start p99")
+    ax2.set_ylabel("ms")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.14, 0.9))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"![throughput and latency against offered load]({path.name})\n"
+
+
+def write_docs(r: dict[str, Any], table: str) -> None:
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    plot = draw_curve(r["curve"], docs / "performance.png")
     # the hand-written analysis below the marker survives a re-run
     marker = "<!-- analysis: written by hand, kept by make bench -->"
     previous = (docs / "performance.md").read_text() if (docs / "performance.md").exists() else ""
