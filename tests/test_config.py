@@ -262,10 +262,14 @@ def test_config_file_is_a_directory(tmp_path: Path) -> None:
         from_env({"MAILBOX_CONFIG_FILE": str(tmp_path)})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_config_file(tmp_path: Path) -> None:
+def test_unreadable_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "MAILBOX_CONCURRENCY=2\n")
     os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads any file: make the read fail as it would for a pod's user
+        def denied(self: Path, *args: object, **kwargs: object) -> str:
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(ConfigError, match="MAILBOX_CONFIG_FILE=.*cannot be read.*ermission"):
         from_env({"MAILBOX_CONFIG_FILE": path})
 
