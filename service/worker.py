@@ -611,7 +611,10 @@ class WorkerManager:
             return LiveReply(delivered=False, reason=f"run '{d.run_id}' is active, not '{command.run_id}'")
         if command.command == "cancel":
             reason = CancelReason.SUPERSEDED if command.reason == "interrupt" else CancelReason.CANCELLED
-            return LiveReply(delivered=self._cancel(execution, reason), run_id=d.run_id)
+            self._cancel(execution, reason)
+            # a run already being cancelled (its lease lost to this very interrupt, say) is
+            # cancelled as asked: that counts as delivered
+            return LiveReply(delivered=execution.cancel_reason is not None, run_id=d.run_id)
         ctx = execution.context
         if ctx is None:
             return LiveReply(delivered=False, reason="run not started yet", run_id=d.run_id)

@@ -11,8 +11,10 @@ import pytest
 
 from service.app import start_pod
 from service.handlers import PermanentError, RunContext, TransientError, approval
+from service.live import LiveCommand
 from service.model import RUN_SUPERSEDED, DispatchStatus, RunDispatch, RunRecord, RunStatus, TerminationKind
 from service.protocol import SubmitRequest
+from service.worker import CancelReason, Execution
 
 from .conftest import unique_prefix
 from .pods import Recorder, fast_settings, replace, stop_all, submit, wait_for, wait_runs
@@ -553,3 +555,22 @@ async def _reconcile(pod, now: int) -> int:
     runs = await pod.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING])
     survey = await pod.store.survey(want={r.dispatch_id for r in runs if r.dispatch_id})
     return await pod.worker.reconcile_runs(runs, survey.wanted, now)
+
+
+async def test_a_live_cancel_of_a_run_already_being_cancelled_counts_as_delivered(nats_url, prefix):
+    """An interrupt can make the run's lease renewal fail (its claim is stale now) before the
+    interrupt's own live cancel arrives: the run is being cancelled either way, and the
+    caller must hear so."""
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=Recorder(), start_api=False)
+    try:
+        d = RunDispatch.queued("d1", "t1", "r1", 1000)
+        execution = Execution(dispatch=d, task=asyncio.create_task(asyncio.sleep(30)))
+        pod.worker._cancel(execution, CancelReason.LEASE_LOST)
+        reply = pod.worker.deliver_live(execution, LiveCommand(command="cancel", run_id="r1", reason="interrupt"))
+        assert reply.delivered and reply.run_id == "r1"
+        idle = Execution(dispatch=d)  # no task yet: nothing to cancel, nothing delivered
+        assert not pod.worker.deliver_live(idle, LiveCommand(command="cancel", run_id="r1")).delivered
+        with pytest.raises(asyncio.CancelledError):
+            await execution.task
+    finally:
+        await stop_all([pod])
