@@ -18,6 +18,8 @@ from service.app import start_pod
 from service.config import Settings
 from service.embedded import NatsServer
 
+from .run import rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 
 LOAD = """
@@ -34,13 +36,6 @@ async def main(url, prefix, bursts, runs):
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 """
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def main(bursts: int, runs: int) -> None:

@@ -37,6 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (this one by default), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def now_ms() -> float:
     return time.time() * 1000
 
@@ -84,10 +92,7 @@ class Service:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return rss_mb(self.proc.pid)
 
     async def metrics(self) -> dict[str, float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
@@ -333,6 +338,11 @@ async def hot_thread(url: str, with_hot: bool, others: int = 999, per_other: int
         svc.stop()
 
 
+async def hot_pair(url: str, per_other: int) -> list[dict[str, Any]]:
+    """The other threads' traffic without, then with, the hot thread."""
+    return [await hot_thread(url, False, per_other=per_other), await hot_thread(url, True, per_other=per_other)]
+
+
 async def soak(url: str, n: int, threads: int) -> dict[str, Any]:
     svc = Service(url, f"bs{random.randrange(10**6)}")
     try:
@@ -379,8 +389,7 @@ async def main(quick: bool) -> dict[str, Any]:
         print("history ...", flush=True)
         results["history"] = [await history(url, t, 100 if quick else 300) for t in (1_000, 10_000 if quick else 100_000)]
         print("hot thread ...", flush=True)
-        results["hot"] = [await hot_thread(url, False, per_other=1 if quick else 3),
-                          await hot_thread(url, True, per_other=1 if quick else 3)]
+        results["hot"] = await hot_pair(url, per_other=1 if quick else 3)
         print("soak ...", flush=True)
         results["soak"] = await soak(url, int(100_000 * scale), 1000)
     finally:
@@ -395,7 +404,7 @@ async def only(name: str, quick: bool) -> dict[str, Any]:
         "throughput": lambda url: throughput(url, int(20_000 * scale), 1000),
         "idle": lambda url: at_rate(url, 200, 1.5, 1000),
         "history": lambda url: history(url, 10_000 if quick else 100_000, 100 if quick else 300),
-        "hot": lambda url: hot_thread(url, True, per_other=1 if quick else 3),
+        "hot": lambda url: hot_pair(url, per_other=1 if quick else 3),
         "soak": lambda url: soak(url, int(100_000 * scale), 1000),
     }
     server = NatsServer().start()
