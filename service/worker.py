@@ -43,6 +43,7 @@ from .model import (
 )
 from .signals import Signal, Signals, blocked_delay_ms
 from .store import DispatchStore, keys
+from .store.base import CLOCK_SKEW_MS
 from .store.ops import ThreadState
 
 log = logging.getLogger("mailbox.worker")
@@ -685,6 +686,8 @@ class WorkerManager:
         for status, n in survey.counts.items():
             self.metrics.depth.labels(status.value).set(n)
         await self.reconcile_runs(open_runs, survey.wanted, now)
+        grace_ms = max(self.settings.sweep_interval_ms, self.settings.lease_ms)
+        await self.recover_lost_dispatches(now, grace_ms, open_runs=open_runs, known=survey.wanted)
 
     async def reconcile_runs(self, open_runs: list[RunRecord], dispatches: dict[str, RunDispatch], now: int) -> int:
         """Finish runs whose dispatch ended without them: superseded or cancelled (an interrupt
@@ -738,11 +741,10 @@ class WorkerManager:
         return 1
 
     async def gc(self) -> int:
-        """Purge terminal dispatches older than the TTL; re-enqueue runs that lost their dispatch."""
-        now = self.clock()
-        purged = await self.store.purge_terminal(now - self.settings.gc_ttl_ms)
-        await self.recover_lost_dispatches(now, grace_ms=max(self.settings.sweep_interval_ms, self.settings.lease_ms))
-        return purged
+        """Purge terminal dispatches older than the TTL (reading only what was written before
+        the cutoff: GC does not read the history it cannot purge yet)."""
+        older_than = self.clock() - self.settings.gc_ttl_ms
+        return await self.store.purge_terminal(older_than, written_before=older_than + CLOCK_SKEW_MS)
 
     async def recover(self) -> None:
         """Startup: reclaim expired leases, re-enqueue runs that lost their dispatch, and wake
@@ -757,14 +759,27 @@ class WorkerManager:
             for thread_id in await self.store.queued_thread_ids():
                 await self.try_dispatch_next(thread_id)
 
-    async def recover_lost_dispatches(self, now: int, grace_ms: int) -> int:
-        """Runs written without their dispatch (a crash between the two writes): enqueue it."""
+    async def recover_lost_dispatches(
+        self,
+        now: int,
+        grace_ms: int,
+        open_runs: list[RunRecord] | None = None,
+        known: dict[str, RunDispatch] | None = None,
+    ) -> int:
+        """Runs written without their dispatch (a crash between the two writes): enqueue it.
+        `open_runs` and `known` (dispatches found by id) come from a sweep's own pass."""
         count = 0
-        for run in await self.store.scan_runs([RunStatus.CREATED, RunStatus.WAITING]):
+        if open_runs is None:
+            open_runs = await self.store.scan_runs([RunStatus.CREATED, RunStatus.WAITING])
+        for run in open_runs:
             if run.dispatch_id is None or run.updated_at > now - grace_ms:
+                continue
+            if run.status not in (RunStatus.CREATED, RunStatus.WAITING):
                 continue
             if run.status == RunStatus.WAITING and not (run.waiting and run.waiting.ticket in run.decisions):
                 continue  # still waiting for its decision: nothing to run
+            if known is not None and run.dispatch_id in known:
+                continue
             if await self.store.load_dispatch(run.dispatch_id) is not None:
                 continue
             d = RunDispatch.queued(

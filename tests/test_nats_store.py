@@ -197,6 +197,35 @@ async def test_maintenance_passes_hold_one_page_not_the_history(nats_store):
     assert gc_peak < 12_000_000, gc_peak
 
 
+async def test_gc_does_not_read_the_history_it_cannot_purge_yet(nats_store):
+    """With `written_before`, GC reads in write order and stops at the first record written
+    after the cutoff: a pass over a young history costs a page per key space, not the history."""
+    s = nats_store
+    now = int(time.time() * 1000)
+    young = [
+        msgspec.structs.replace(
+            q(f"h{i}", thread_id=f"o{i % 100}", created_at=now), status=DispatchStatus.ACKED, completed_at=now,
+            updated_at=now,
+        )
+        for i in range(10_000)
+    ]
+    await raw_put(s, young)
+    older_than = now - 3_600_000  # a TTL of an hour: nothing is old enough
+
+    before = s.stats.scanned_keys
+    assert await s.purge_terminal(older_than, written_before=older_than + 60_000) == 0
+    bounded = s.stats.scanned_keys - before
+    before = s.stats.scanned_keys
+    assert await s.purge_terminal(older_than) == 0
+    unbounded = s.stats.scanned_keys - before
+    assert unbounded >= 10_000  # every dispatch
+    assert bounded <= 3 * 1_000  # at most the first page of each key space read
+    # what was written before the cutoff is still read and purged
+    later = now + 1_000
+    assert await s.purge_terminal(later, written_before=later + 60_000) == 10_000
+    assert await s.count_dispatches_by_status(DispatchStatus.ACKED) == 0
+
+
 async def test_a_thread_with_more_keys_than_one_batch_read_still_works(nats_store):
     s = nats_store
     await raw_put(s, [q(f"d{i:04d}", created_at=2000 + i) for i in range(1100)])

@@ -441,6 +441,24 @@ async def test_runs_that_lost_their_dispatch_are_re_enqueued(nats_url, prefix):
         await stop_all([control, pod])
 
 
+async def test_the_sweep_re_enqueues_a_run_that_lost_its_dispatch(nats_url, prefix):
+    rec = Recorder()
+    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=3_600_000), url=nats_url, handler=rec)
+    try:
+        old = pod.worker.clock() - 2 * max(pod.settings.lease_ms, pod.settings.sweep_interval_ms)
+        # a crash between the run record and its dispatch, a while ago, after the pod started
+        await pod.store.create_run(RunRecord(run_id="r1", thread_id="t", created_at=old, updated_at=old, dispatch_id="d1"))
+        # and one that is still being submitted: not lost yet
+        fresh = pod.worker.clock()
+        await pod.store.create_run(RunRecord(run_id="r2", thread_id="u", created_at=fresh, updated_at=fresh, dispatch_id="d2"))
+        await pod.worker.sweep()
+        [run] = await wait_runs(pod, ["r1"])
+        assert run.dispatch_id == "d1" and [e.run_id for e in rec.executions] == ["r1"]
+        assert await pod.store.load_dispatch("d2") is None
+    finally:
+        await stop_all([pod])
+
+
 async def test_gc_removes_old_terminal_records_and_nothing_else(nats_url, prefix):
     pod = await start_pod(fast_settings(prefix, gc_ttl_ms=0, gc_interval_ms=3_600_000), url=nats_url, handler="echo")
     try:

@@ -41,6 +41,10 @@ T = TypeVar("T")
 
 AliasKind = Literal["dispatch", "run"]
 
+CLOCK_SKEW_MS = 60_000
+"""How far a pod's clock (which stamps `updated_at`) may be from the server's (which stamps
+messages) before GC purges a record a pass later than it could (never sooner)."""
+
 DEFAULT_MAX_RECORD_BYTES = 512 * 1024
 """Largest stored record (encoded JSON). A run's input counts against it."""
 
@@ -102,9 +106,11 @@ class ThreadStore(ABC):
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
 
     @abstractmethod
-    def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
+    def _iter_dispatches(self, written_before: int | None = None) -> AsyncIterator[RunDispatch]:
         """Every dispatch of every thread, streamed page by page (never the whole bucket in
-        memory at once). Only maintenance and global views use it."""
+        memory at once). Only maintenance and global views use it. `written_before` (ms):
+        the caller needs only records last written before then, and a backend that reads in
+        write order may stop at the first later one."""
 
     @abstractmethod
     async def _run_op(
@@ -121,7 +127,7 @@ class ThreadStore(ABC):
     async def _thread_runs(self, thread_id: str) -> list[RunRecord]: ...
 
     @abstractmethod
-    def _iter_runs(self) -> AsyncIterator[RunRecord]:
+    def _iter_runs(self, written_before: int | None = None) -> AsyncIterator[RunRecord]:
         """Every run record, streamed like `_iter_dispatches`."""
 
     async def close(self) -> None:
@@ -342,12 +348,18 @@ class ThreadStore(ABC):
                 reclaimed.append(result)
         return reclaimed
 
-    async def purge_terminal(self, older_than: int) -> int:
+    async def purge_terminal(self, older_than: int, written_before: int | None = None) -> int:
         """Delete terminal dispatches with `updated_at < older_than`, then finished runs that
         no dispatch refers to any more, and the epoch of a thread left without dispatches;
-        returns the number of dispatches deleted. Streams the bucket; holds only candidates."""
+        returns the number of dispatches deleted. Streams the bucket; holds only candidates.
+        `written_before` (the store's clock, ms): records written since then are too new to
+        purge, so a backend that reads in write order stops there and never reads the
+        history GC cannot purge yet. Give it only when `older_than` comes from a clock close
+        to the store's (the worker adds `CLOCK_SKEW_MS`)."""
         threads = {
-            d.thread_id async for d in self._iter_dispatches() if d.is_terminal and d.updated_at < older_than
+            d.thread_id
+            async for d in self._iter_dispatches(written_before)
+            if d.is_terminal and d.updated_at < older_than
         }
         purged = 0
         for thread_id in sorted(threads):
@@ -356,7 +368,7 @@ class ThreadStore(ABC):
                 thread_id, lambda s: ops.purge_terminal(s, older_than, recorded), full=True
             )
         finished: dict[str, list[str]] = {}
-        async for r in self._iter_runs():
+        async for r in self._iter_runs(written_before):
             if r.is_done and r.updated_at < older_than:
                 finished.setdefault(r.thread_id, []).append(r.run_id)
         for thread_id, run_ids in finished.items():

@@ -71,7 +71,7 @@ class MemoryDispatchStore(ThreadStore):
     async def _thread_runs(self, thread_id: str) -> list[RunRecord]:
         return [r for r in self._runs.values() if r.thread_id == thread_id]
 
-    async def _iter_runs(self) -> AsyncIterator[RunRecord]:
+    async def _iter_runs(self, written_before: int | None = None) -> AsyncIterator[RunRecord]:
         for run in list(self._runs.values()):
             yield run
 
@@ -103,7 +103,7 @@ class MemoryDispatchStore(ThreadStore):
         self._leaders[name] = (holder, now + ttl_ms)
         return True
 
-    async def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
+    async def _iter_dispatches(self, written_before: int | None = None) -> AsyncIterator[RunDispatch]:
         for d in [d for st in self._threads.values() for d in st.dispatches.values()]:
             yield d
 

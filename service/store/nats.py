@@ -437,8 +437,8 @@ class NatsDispatchStore(ThreadStore):
         entries = await self._read_subtree(prefix)
         return [_run_decoder.decode(e.data) for e in entries if not e.deleted]
 
-    async def _iter_runs(self) -> AsyncIterator[RunRecord]:
-        async for page in self._scan_pages(f"{self._kv}r.>"):
+    async def _iter_runs(self, written_before: int | None = None) -> AsyncIterator[RunRecord]:
+        async for page in self._scan_pages(f"{self._kv}r.>", written_before=written_before):
             for e in page:
                 if not e.deleted:
                     yield _run_decoder.decode(e.data)
@@ -503,8 +503,8 @@ class NatsDispatchStore(ThreadStore):
         purged = 0
         for prefix, kind in (("id.", "dispatch"), ("run.", "run")):
             old: list[_Entry] = []
-            async for page in self._scan_pages(f"{self._kv}{prefix}>"):
-                old += [e for e in page if not e.deleted and e.written_ms() < older_than]
+            async for page in self._scan_pages(f"{self._kv}{prefix}>", written_before=older_than):
+                old += [e for e in page if not e.deleted]
             for e in old:
                 id = keys.unH(e.subject[len(self._kv) + len(prefix) :])
                 if await self._alias_in_use(kind, id, e.data.decode()):  # type: ignore[arg-type]
@@ -519,8 +519,8 @@ class NatsDispatchStore(ThreadStore):
                 purged += 1
         return purged
 
-    async def _iter_dispatches(self) -> AsyncIterator[RunDispatch]:
-        async for page in self._scan_pages(f"{self._kv}t.>"):
+    async def _iter_dispatches(self, written_before: int | None = None) -> AsyncIterator[RunDispatch]:
+        async for page in self._scan_pages(f"{self._kv}t.>", written_before=written_before):
             for e in page:
                 if not e.deleted and _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
                     yield _dispatch_decoder.decode(e.data)
@@ -793,9 +793,12 @@ class NatsDispatchStore(ThreadStore):
         """Every key matching the filter (last value each), in stream order."""
         return [e async for page in self._scan_pages(subject_filter) for e in page]
 
-    async def _scan_pages(self, subject_filter: str, page: int = 1_000) -> AsyncIterator[list[_Entry]]:
+    async def _scan_pages(
+        self, subject_filter: str, page: int = 1_000, written_before: int | None = None
+    ) -> AsyncIterator[list[_Entry]]:
         """Every key matching the filter (last value each), in stream order, one page at a
-        time, so a scan of a big bucket holds one page, not the bucket."""
+        time, so a scan of a big bucket holds one page, not the bucket. `written_before`
+        (ms): stop at the first key written at or after then (stream order is write order)."""
         seq = 1
         while True:
             status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
@@ -803,6 +806,10 @@ class NatsDispatchStore(ThreadStore):
             entries = [_entry(m) for m in msgs]
             more = status == 204 and bool(entries) and bool(getattr(msgs, "pending", 0))
             del msgs  # hold the page once, as entries
+            if written_before is not None:
+                older = _written_before(entries, written_before)
+                if older < len(entries):
+                    entries, more = entries[:older], False
             if entries:
                 yield entries
             # the server may send fewer than asked (a byte limit): go on while it says more match
@@ -861,6 +868,15 @@ def _entry(msg: Msg) -> _Entry:
         deleted=h.get("KV-Operation") in ("DEL", "PURGE"),
         stamp=h.get("Nats-Time-Stamp", ""),
     )
+
+
+def _written_before(entries: list[_Entry], cutoff: int) -> int:
+    """How many entries, from the start of a page in stream order, were written before
+    `cutoff` (ms). An entry without a time stamp counts as old: reading it is harmless."""
+    for i, e in enumerate(entries):
+        if e.written_ms() >= cutoff:
+            return i
+    return len(entries)
 
 
 def _split_thread_key(key: str) -> tuple[str, str]:
