@@ -667,8 +667,7 @@ class WorkerManager:
         """One pass over the bucket: reclaim expired leases, republish signals for queued work
         nobody is waking, refresh the depth gauges, and reconcile runs with their dispatches."""
         now = self.clock()
-        open_runs = await self.store.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING])
-        survey = await self.store.survey(now, want={r.dispatch_id for r in open_runs if r.dispatch_id}, expired_limit=100)
+        open_runs, survey = await self.store.sweep_view(now, expired_limit=100)
         with self.metrics.timed("reclaim"):
             reclaimed = await self.store.reclaim_expired_leases(now, 100, candidates=survey.expired)
         self.metrics.reclaims.inc(len(reclaimed))

@@ -12,7 +12,15 @@ import nats
 import nats.errors
 import pytest
 
-from service.model import AlreadyExistsError, DispatchStatus, RunDispatch, StoreError, StoreUnavailableError
+from service.model import (
+    AlreadyExistsError,
+    DispatchStatus,
+    RunDispatch,
+    RunRecord,
+    RunStatus,
+    StoreError,
+    StoreUnavailableError,
+)
 from service.store import NatsDispatchStore
 from service.store import keys
 
@@ -224,6 +232,45 @@ async def test_gc_does_not_read_the_history_it_cannot_purge_yet(nats_store):
     later = now + 1_000
     assert await s.purge_terminal(later, written_before=later + 60_000) == 10_000
     assert await s.count_dispatches_by_status(DispatchStatus.ACKED) == 0
+
+
+async def test_the_sweep_reads_only_what_changed_since_the_last_sweep(nats_store):
+    s = nats_store
+    history = [
+        msgspec.structs.replace(q(f"old{i}", thread_id=f"o{i % 100}"), status=DispatchStatus.ACKED, completed_at=1000)
+        for i in range(5000)
+    ]
+    await raw_put(s, history)
+    runs, survey = await s.sweep_view(now=10_000, expired_limit=100)
+    assert runs == [] and survey.counts[DispatchStatus.ACKED] == 5000
+
+    # what happens between two sweeps: a claim whose lease lapses, a run whose dispatch an
+    # interrupt superseded, new queued work, a finished run
+    await s.enqueue(q("a", thread_id="ta"))
+    await s.claim("ta", "w", 1000, 1000, 1)  # leased until 2000
+    await s.create_run(
+        RunRecord(run_id="r-b", thread_id="tb", created_at=1000, updated_at=1000, dispatch_id="b"),
+        RunDispatch.queued("b", "tb", "r-b", 1000),
+    )
+    await s.interrupt("tb", 1500)
+    await s.enqueue(q("c", thread_id="tc"))
+    await s.create_run(
+        RunRecord(run_id="r-d", thread_id="td", created_at=1000, updated_at=1000, dispatch_id="d"),
+        RunDispatch.queued("d", "td", "r-d", 1000),
+    )
+    [d] = await s.claim("td", "w", LEASE, 1000, 1)
+    await s.update_run("r-d", lambda r: msgspec.structs.replace(r, status=RunStatus.DONE, updated_at=1100))
+    await s.ack("d", d.claim_token, 1100)
+
+    before = s.stats.scanned_keys
+    runs, survey = await s.sweep_view(now=10_000, expired_limit=100)
+    assert s.stats.scanned_keys - before < 50  # the changes, not the 5,000 records of history
+    assert [d.dispatch_id for d in survey.expired] == ["a"]
+    assert [d.dispatch_id for d in survey.queued] == ["c"]
+    assert [r.run_id for r in runs] == ["r-b"] and survey.wanted["b"].status == DispatchStatus.SUPERSEDED
+    full = await s.survey(now=10_000, want={"b"}, expired_limit=100)
+    assert survey.counts == full.counts  # nothing was purged in between: exact
+    assert survey.counts[DispatchStatus.ACKED] == 5001 and survey.counts[DispatchStatus.SUPERSEDED] == 1
 
 
 async def test_a_thread_with_more_keys_than_one_batch_read_still_works(nats_store):

@@ -298,6 +298,13 @@ class ThreadStore(ABC):
                 survey.expired.append(d)
         return survey
 
+    async def sweep_view(self, now: int, expired_limit: int) -> tuple[list[RunRecord], Survey]:
+        """What a maintenance sweep reads: the runs still open, and a survey that wants their
+        dispatches. A backend may keep this view up to date incrementally between sweeps."""
+        open_runs = await self.scan_runs([RunStatus.CREATED, RunStatus.RUNNING, RunStatus.WAITING])
+        survey = await self.survey(now, want={r.dispatch_id for r in open_runs if r.dispatch_id}, expired_limit=expired_limit)
+        return open_runs, survey
+
     async def count_dispatches_by_status(self, status: DispatchStatus) -> int:
         return (await self.survey()).counts[status]
 

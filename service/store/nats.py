@@ -26,6 +26,7 @@ import random
 import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -40,10 +41,10 @@ from nats.js.api import StreamConfig
 
 from ..natsclient import connect as connect_client
 from ..streams import differences
-from ..model import RunDispatch, RunRecord, StoreError, StoreUnavailableError
+from ..model import DispatchStatus, RunDispatch, RunRecord, StoreError, StoreUnavailableError
 from . import ops
 from . import keys
-from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, ThreadStore, encode_record
+from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, Survey, ThreadStore, encode_record
 from .ops import (
     Change,
     DeleteDispatch,
@@ -65,6 +66,10 @@ WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 another guarded write on the same subject is still in flight. Both mean: re-read, decide again."""
 MAX_BATCH = 1000
 MARKER_TTL_S = 900
+
+FULL_SWEEP_EVERY_S = 600
+"""How often `sweep_view` reads the whole bucket again instead of what changed: it makes the
+terminal counts exact again (purges are not subtracted in between)."""
 # LRU sizes of what this store remembers of its own commits (bounded memory in a long run):
 THREAD_CACHE = 4096  # threads' state and revision after our last change
 RUN_CACHE = 4096  # runs' record and revision after our last change (create → start → finish)
@@ -174,6 +179,7 @@ class NatsDispatchStore(ThreadStore):
         self._alias_cache: OrderedDict[tuple[AliasKind, str], str] = OrderedDict()
         self._threads: OrderedDict[str, tuple[ThreadState, int]] = OrderedDict()  # our last commits
         self._runs: OrderedDict[str, tuple[RunRecord, int]] = OrderedDict()
+        self._sweep_index: _SweepIndex | None = None
         self._locks: dict[str, _ThreadLock] = {}
         self._high_water = 0  # highest stream sequence we committed: reads must not be older
         self.stats = StoreStats()
@@ -525,6 +531,53 @@ class NatsDispatchStore(ThreadStore):
                 if not e.deleted and _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
                     yield _dispatch_decoder.decode(e.data)
 
+    async def sweep_view(self, now: int, expired_limit: int) -> tuple[list[RunRecord], Survey]:
+        """The sweep's view, kept up to date by stream sequence: each sweep reads only what was
+        written since the previous one, so its cost follows the traffic, not the history
+        waiting for GC. A full pass rebuilds it on the first sweep and every
+        `FULL_SWEEP_EVERY_S` (that is when the terminal counts are exact again)."""
+        index = self._sweep_index
+        if index is None or time.monotonic() - index.built_at > FULL_SWEEP_EVERY_S:
+            index = self._sweep_index = _SweepIndex(built_at=time.monotonic())
+        async for page in self._scan_pages(f"{self._kv}r.>", after=index.run_seq):
+            for e in page:
+                index.run_seq = max(index.run_seq, e.seq)
+                run = None if e.deleted else _run_decoder.decode(e.data)
+                if run is None or run.is_done:
+                    index.runs.pop(e.subject, None)
+                else:
+                    index.runs[e.subject] = run
+        async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
+            for e in page:
+                index.dispatch_seq = max(index.dispatch_seq, e.seq)
+                if not _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
+                    continue
+                if e.deleted:
+                    index.dispatches.pop(e.subject, None)
+                    continue
+                d = _dispatch_decoder.decode(e.data)
+                known = index.dispatches.get(e.subject)
+                if d.is_terminal and (known is None or not known.is_terminal):
+                    index.terminal[d.status] = index.terminal.get(d.status, 0) + 1
+                index.dispatches[e.subject] = d
+        open_runs = list(index.runs.values())
+        wanted = {r.dispatch_id for r in open_runs if r.dispatch_id}
+        survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
+        for key, d in list(index.dispatches.items()):
+            if d.is_terminal and d.dispatch_id not in wanted:
+                del index.dispatches[key]  # counted; kept only while an open run refers to it
+                continue
+            if d.dispatch_id in wanted:
+                survey.wanted[d.dispatch_id] = d
+            if d.is_terminal:
+                continue
+            survey.counts[d.status] += 1
+            if d.status == DispatchStatus.QUEUED:
+                survey.queued.append(d)
+            elif d.lease_until is not None and d.lease_until < now and len(survey.expired) < expired_limit:
+                survey.expired.append(d)
+        return open_runs, survey
+
     # ------------------------------------------------------------------ snapshot and commit
 
     async def _snapshot(self, thread_id: str, at_least: int = 0) -> tuple[ThreadState, int]:
@@ -794,12 +847,13 @@ class NatsDispatchStore(ThreadStore):
         return [e async for page in self._scan_pages(subject_filter) for e in page]
 
     async def _scan_pages(
-        self, subject_filter: str, page: int = 1_000, written_before: int | None = None
+        self, subject_filter: str, page: int = 1_000, written_before: int | None = None, after: int = 0
     ) -> AsyncIterator[list[_Entry]]:
         """Every key matching the filter (last value each), in stream order, one page at a
         time, so a scan of a big bucket holds one page, not the bucket. `written_before`
-        (ms): stop at the first key written at or after then (stream order is write order)."""
-        seq = 1
+        (ms): stop at the first key written at or after then (stream order is write order).
+        `after`: only keys last written after this stream sequence."""
+        seq = after + 1
         while True:
             status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
             self.stats.scanned_keys += len(msgs)
@@ -816,6 +870,21 @@ class NatsDispatchStore(ThreadStore):
             if not more:
                 return
             seq = entries[-1].seq + 1
+
+
+@dataclass
+class _SweepIndex:
+    """The maintenance leader's running view for `sweep_view`: the live dispatches, the
+    terminal ones that an open run still refers to, the open runs, how many dispatches ended
+    in each terminal status (as of the last full pass, plus those seen ending since), and
+    how far into the stream each key space has been read."""
+
+    built_at: float
+    dispatch_seq: int = 0
+    run_seq: int = 0
+    dispatches: dict[str, RunDispatch] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    terminal: dict[DispatchStatus, int] = field(default_factory=dict)
 
 
 class _Batch(list):  # type: ignore[type-arg]
