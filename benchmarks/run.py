@@ -30,6 +30,7 @@ from service.embedded import NatsServer, free_port
 from service.model import DispatchStatus, RunDispatch, RunRecord
 from service.natsclient import connect
 from service.store import NatsDispatchStore, keys
+from service.store.base import CLOCK_SKEW_MS
 
 from .baseline import raw_kv_pattern, raw_work_queue
 
@@ -275,6 +276,7 @@ async def history(url: str, terminal: int, samples: int = 300) -> dict[str, Any]
             if i % 5000 == 0:
                 await nc.flush()
         await nc.flush()
+        maintenance = {"sweep_full_ms": await timed_ms(store.sweep_view(int(now_ms()), 100))}
         claim_ms = []
         for i in range(samples):
             thread = f"fresh{i}"
@@ -283,6 +285,11 @@ async def history(url: str, terminal: int, samples: int = 300) -> dict[str, Any]
             t = time.perf_counter()
             await store.claim(thread, "bench", 30_000, 2000, 1)
             claim_ms.append((time.perf_counter() - t) * 1000)
+        # the next sweep reads the claims made since the last one, not the history
+        maintenance["sweep_incremental_ms"] = await timed_ms(store.sweep_view(int(now_ms()), 100))
+        older_than = int(now_ms()) - 86_400_000  # the default TTL: nothing here is old enough
+        maintenance["gc_pass_ms"] = await timed_ms(store.purge_terminal(older_than, older_than + CLOCK_SKEW_MS))
+        maintenance["survey_full_ms"] = await timed_ms(store.survey())
     finally:
         await store.close()
     svc = Service(url, prefix)
@@ -301,7 +308,14 @@ async def history(url: str, terminal: int, samples: int = 300) -> dict[str, Any]
         "claim_p99_ms": pct(claim_ms, 0.99),
         "submit_p50_ms": pct(submit_ms, 0.5),
         "submit_p99_ms": pct(submit_ms, 0.99),
+        **maintenance,
     }
+
+
+async def timed_ms(call: Any) -> float:
+    t = time.perf_counter()
+    await call
+    return (time.perf_counter() - t) * 1000
 
 
 async def hot_thread(url: str, with_hot: bool, others: int = 999, per_other: int = 3, rate: float = 300) -> dict[str, Any]:
@@ -432,6 +446,7 @@ def report(r: dict[str, Any]) -> str:
         ("half load submit→finish", f"p50 {half['finish_p50_ms']:.1f} ms, p99 {half['finish_p99_ms']:.1f} ms", "", ""),
         ("history: claim p50", f"{h1['claim_p50_ms']:.2f} ms @ {h1['terminal_records']:,} vs {h2['claim_p50_ms']:.2f} ms @ {h2['terminal_records']:,}", "≤ +20%", verdict(h2["claim_p50_ms"] <= 1.2 * h1["claim_p50_ms"])),
         ("history: submit p50", f"{h1['submit_p50_ms']:.2f} ms vs {h2['submit_p50_ms']:.2f} ms", "≤ +20%", verdict(h2["submit_p50_ms"] <= 1.2 * h1["submit_p50_ms"])),
+        ("maintenance at history", f"{h2['terminal_records']:,} terminal: full sweep {h2['sweep_full_ms']:.0f} ms, next sweep {h2['sweep_incremental_ms']:.0f} ms, GC pass {h2['gc_pass_ms']:.0f} ms", "", ""),
         ("hot thread: redeliveries per run", f"{hot['redeliveries_per_run']:.3f}", "≤ 2", verdict(hot["redeliveries_per_run"] <= 2)),
         ("hot thread: other threads' p99", f"{hot['others_start_p99_ms']:.1f} ms vs {cold['others_start_p99_ms']:.1f} ms without", "≤ 2×", verdict(hot["others_start_p99_ms"] <= 2 * max(cold["others_start_p99_ms"], 1))),
         ("soak: RSS growth 10%→100%", f"{soak_r['rss_10pct_mb']:.0f} → {soak_r['rss_100pct_mb']:.0f} MB ({soak_r['growth_pct']:+.1f}%, {soak_r['runs']:,} runs)", "< 10%", verdict(soak_r["growth_pct"] < 10)),
