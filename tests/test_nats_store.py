@@ -273,6 +273,31 @@ async def test_the_sweep_reads_only_what_changed_since_the_last_sweep(nats_store
     assert survey.counts[DispatchStatus.ACKED] == 5001 and survey.counts[DispatchStatus.SUPERSEDED] == 1
 
 
+async def test_a_run_that_appears_mid_sweep_with_its_dispatch_already_ended_is_still_seen(nats_store):
+    """The sweep reads the runs, then the dispatches. A run written in between, whose dispatch
+    ended before the dispatches are read, is not dropped from the view."""
+    s = nats_store
+    await s.sweep_view(now=5000, expired_limit=100)
+    scan_pages = s._scan_pages
+
+    async def runs_then_a_late_run(subject_filter, *args, **kwargs):
+        if subject_filter.endswith(".t.>"):  # the runs have been read: now the late run lands
+            await s.create_run(
+                RunRecord(run_id="late", thread_id="tl", created_at=5000, updated_at=5000, dispatch_id="dl"),
+                RunDispatch.queued("dl", "tl", "late", 5000),
+            )
+            await s.interrupt("tl", 5100)  # its dispatch is superseded before the dispatches are read
+        async for page in scan_pages(subject_filter, *args, **kwargs):
+            yield page
+
+    s._scan_pages = runs_then_a_late_run
+    await s.sweep_view(now=6000, expired_limit=100)
+    s._scan_pages = scan_pages
+    runs, survey = await s.sweep_view(now=7000, expired_limit=100)
+    assert [r.run_id for r in runs] == ["late"]
+    assert survey.wanted["dl"].status == DispatchStatus.SUPERSEDED
+
+
 async def test_a_thread_with_more_keys_than_one_batch_read_still_works(nats_store):
     s = nats_store
     await raw_put(s, [q(f"d{i:04d}", created_at=2000 + i) for i in range(1100)])

@@ -539,14 +539,20 @@ class NatsDispatchStore(ThreadStore):
         index = self._sweep_index
         if index is None or time.monotonic() - index.built_at > FULL_SWEEP_EVERY_S:
             index = self._sweep_index = _SweepIndex(built_at=time.monotonic())
+        new_runs: list[str] = []  # open runs first seen in this sweep
         async for page in self._scan_pages(f"{self._kv}r.>", after=index.run_seq):
             for e in page:
                 index.run_seq = max(index.run_seq, e.seq)
                 run = None if e.deleted else _run_decoder.decode(e.data)
                 if run is None or run.is_done:
                     index.runs.pop(e.subject, None)
-                else:
-                    index.runs[e.subject] = run
+                    continue
+                if e.subject not in index.runs:
+                    new_runs.append(e.subject)
+                index.runs[e.subject] = run
+        # a terminal dispatch is kept only while an open run refers to it: the history read
+        # since the last sweep is dropped page by page, never held
+        wanted = {r.dispatch_id for r in index.runs.values() if r.dispatch_id}
         async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
             for e in page:
                 index.dispatch_seq = max(index.dispatch_seq, e.seq)
@@ -559,7 +565,20 @@ class NatsDispatchStore(ThreadStore):
                 known = index.dispatches.get(e.subject)
                 if d.is_terminal and (known is None or not known.is_terminal):
                     index.terminal[d.status] = index.terminal.get(d.status, 0) + 1
-                index.dispatches[e.subject] = d
+                if d.is_terminal and d.dispatch_id not in wanted:
+                    index.dispatches.pop(e.subject, None)
+                else:
+                    index.dispatches[e.subject] = d
+        # a run that appeared after the runs were read may have a dispatch that already ended
+        # (and was dropped above): fetch those few, the ones without a live dispatch
+        present = {d.dispatch_id for d in index.dispatches.values()}
+        for subject in new_runs:
+            run = index.runs.get(subject)
+            if run is None or not run.dispatch_id or run.dispatch_id in present:
+                continue
+            d = await self.load_dispatch(run.dispatch_id)
+            if d is not None and d.is_terminal:
+                index.dispatches[f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"] = d
         open_runs = list(index.runs.values())
         wanted = {r.dispatch_id for r in open_runs if r.dispatch_id}
         survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
