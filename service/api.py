@@ -382,7 +382,9 @@ class MailboxApi:
         return await self.mailbox.replay(req.dispatch_id)
 
     async def _stats(self, req: StatsRequest) -> StatsReply:
-        counts = await self.store.count_all_by_status()
+        # the sweep's view: what was written since this pod last looked, not the whole bucket
+        _, survey = await self.store.sweep_view(now=0, expired_limit=0)
+        counts = survey.counts
         depth = {str(s): counts.get(s, 0) for s in DispatchStatus}
         return StatsReply(depth=depth, active_runs=depth[DispatchStatus.CLAIMED], pods=await self.count_pods())
 

@@ -269,6 +269,27 @@ async def test_an_empty_body_counts_as_an_empty_object(nats_url):
         assert reply["error"] == {"code": 400, "message": "Object missing required field `thread_id`", "field": "thread_id"}
 
 
+async def test_stats_reads_what_changed_since_it_last_looked_not_the_bucket(nats_url):
+    async with running_pods(nats_url, sweep_interval_ms=3_600_000) as [pod]:
+        prefix = pod.settings.prefix
+        for i in range(3):
+            _, reply = await call(pod.nc, prefix, "submit", {"thread_id": f"t{i}", "input": i})
+        _, first = await call(pod.nc, prefix, "stats", b"")
+        before = pod.store.stats.scanned_keys
+        _, again = await call(pod.nc, prefix, "stats", b"")
+        assert pod.store.stats.scanned_keys == before  # nothing written since: nothing read
+        assert again["depth"] == first["depth"]
+        _, reply = await call(pod.nc, prefix, "submit", {"thread_id": "t9", "input": 9})
+        for _ in range(200):
+            run = await pod.store.load_run(reply["run_id"])
+            if run is not None and run.is_done:
+                break
+            await asyncio.sleep(0.02)
+        _, last = await call(pod.nc, prefix, "stats", b"")
+        assert sum(last["depth"].values()) == sum(first["depth"].values()) + 1
+        assert pod.store.stats.scanned_keys - before < 20  # the new run's keys, not the bucket
+
+
 async def test_error_messages_name_the_problem(nats_url):
     async with running_pods(nats_url) as [pod]:
         p = pod.settings.prefix

@@ -180,6 +180,7 @@ class NatsDispatchStore(ThreadStore):
         self._threads: OrderedDict[str, tuple[ThreadState, int]] = OrderedDict()  # our last commits
         self._runs: OrderedDict[str, tuple[RunRecord, int]] = OrderedDict()
         self._sweep_index: _SweepIndex | None = None
+        self._sweep_lock = asyncio.Lock()
         self._locks: dict[str, _ThreadLock] = {}
         self._high_water = 0  # highest stream sequence we committed: reads must not be older
         self.stats = StoreStats()
@@ -536,6 +537,10 @@ class NatsDispatchStore(ThreadStore):
         written since the previous one, so its cost follows the traffic, not the history
         waiting for GC. A full pass rebuilds it on the first sweep and every
         `FULL_SWEEP_EVERY_S` (that is when the terminal counts are exact again)."""
+        async with self._sweep_lock:  # the maintenance loop and `stats` share the view
+            return await self._sweep_view(now, expired_limit)
+
+    async def _sweep_view(self, now: int, expired_limit: int) -> tuple[list[RunRecord], Survey]:
         index = self._sweep_index
         if index is None or time.monotonic() - index.built_at > FULL_SWEEP_EVERY_S:
             index = self._sweep_index = _SweepIndex(built_at=time.monotonic())
