@@ -43,7 +43,7 @@ from .model import (
 )
 from .signals import Signal, Signals, blocked_delay_ms
 from .store import DispatchStore, keys
-from .store.base import CLOCK_SKEW_MS
+from .store.base import CLOCK_SKEW_MS, Survey
 from .store.ops import ThreadState
 
 log = logging.getLogger("mailbox.worker")
@@ -663,9 +663,11 @@ class WorkerManager:
             except StoreError as exc:
                 log.warning("event=maintenance_failed error=%s", exc)
 
-    async def sweep(self) -> None:
+    async def sweep(self, lost_grace_ms: int | None = None) -> Survey:
         """One pass over the bucket: reclaim expired leases, republish signals for queued work
-        nobody is waking, refresh the depth gauges, and reconcile runs with their dispatches."""
+        nobody is waking, refresh the depth gauges, reconcile runs with their dispatches, and
+        re-enqueue runs whose dispatch was never written (older than `lost_grace_ms`, by
+        default a sweep interval or a lease). Returns what the pass found."""
         now = self.clock()
         open_runs, survey = await self.store.sweep_view(now, expired_limit=100)
         with self.metrics.timed("reclaim"):
@@ -685,8 +687,10 @@ class WorkerManager:
         for status, n in survey.counts.items():
             self.metrics.depth.labels(status.value).set(n)
         await self.reconcile_runs(open_runs, survey.wanted, now)
-        grace_ms = max(self.settings.sweep_interval_ms, self.settings.lease_ms)
-        await self.recover_lost_dispatches(now, grace_ms, open_runs=open_runs, known=survey.wanted)
+        if lost_grace_ms is None:
+            lost_grace_ms = max(self.settings.sweep_interval_ms, self.settings.lease_ms)
+        await self.recover_lost_dispatches(now, lost_grace_ms, open_runs=open_runs, known=survey.wanted)
+        return survey
 
     async def reconcile_runs(self, open_runs: list[RunRecord], dispatches: dict[str, RunDispatch], now: int) -> int:
         """Finish runs whose dispatch ended without them: superseded or cancelled (an interrupt
@@ -748,11 +752,9 @@ class WorkerManager:
     async def recover(self) -> None:
         """Startup: reclaim expired leases, re-enqueue runs that lost their dispatch, and wake
         every queued dispatch (one pending signal per dispatch, so this is cheap to repeat)."""
-        now = self.clock()
-        await self.sweep()
         # a run written a moment ago by a pod still submitting it is not lost: wait a lease
-        await self.recover_lost_dispatches(now, grace_ms=self.settings.lease_ms)
-        for d in await self.store.list_queued():
+        survey = await self.sweep(lost_grace_ms=self.settings.lease_ms)
+        for d in survey.queued:  # what the sweep reclaimed or re-enqueued it has signalled
             await self._signal(d)
         if self.signals is None:
             for thread_id in await self.store.queued_thread_ids():

@@ -25,29 +25,14 @@ from service.model import DispatchStatus, RunStatus, StoreUnavailableError
 from service.protocol import SubmitRequest
 from service.store import keys
 
+from . import pods
 from .conftest import unique_prefix
 
 pytestmark = pytest.mark.filterwarnings("ignore:datetime.datetime.utcnow:DeprecationWarning:nats.micro")
 
-FAST = dict(
-    lease_ms=3000,
-    lease_renewal_ms=500,
-    suspended_lease_ms=6000,
-    sweep_interval_ms=500,
-    gc_interval_ms=1000,
-    republish_after_ms=1000,
-    fetch_expires_ms=200,
-    retry_base_ms=50,
-    retry_cap_ms=200,
-    nak_base_ms=200,
-    nak_cap_ms=2000,
-    ack_wait_ms=5000,
-    drain_timeout_ms=2000,
-)
-
-
 def fast_settings(prefix: str, **overrides: Any) -> Settings:
-    return Settings(prefix=prefix, **{**FAST, **overrides})
+    # the worker tests' settings, with quicker retries and drain
+    return pods.fast_settings(prefix, **{"retry_base_ms": 50, "retry_cap_ms": 200, "drain_timeout_ms": 2000, **overrides})
 
 
 async def echo(run: RunContext) -> Any:

@@ -283,19 +283,7 @@ class ThreadStore(ABC):
         survey = Survey(counts={s: 0 for s in DispatchStatus})
         wanted = set(want)
         async for d in self._iter_dispatches():
-            survey.counts[d.status] += 1
-            if d.dispatch_id in wanted:
-                survey.wanted[d.dispatch_id] = d
-            if d.status == DispatchStatus.QUEUED:
-                survey.queued.append(d)
-            elif (
-                now is not None
-                and d.status == DispatchStatus.CLAIMED
-                and d.lease_until is not None
-                and d.lease_until < now
-                and (expired_limit is None or len(survey.expired) < expired_limit)
-            ):
-                survey.expired.append(d)
+            survey.add(d, now, wanted, expired_limit)
         return survey
 
     async def sweep_view(self, now: int, expired_limit: int) -> tuple[list[RunRecord], Survey]:
@@ -496,6 +484,22 @@ class Survey(msgspec.Struct):
     queued: list[RunDispatch] = msgspec.field(default_factory=list)
     expired: list[RunDispatch] = msgspec.field(default_factory=list)
     wanted: dict[str, RunDispatch] = msgspec.field(default_factory=dict)
+
+    def add(self, d: RunDispatch, now: int | None, wanted: Collection[str], expired_limit: int | None) -> None:
+        """Count `d`, and keep it if it is queued, an expired claim at `now`, or wanted."""
+        self.counts[d.status] += 1
+        if d.dispatch_id in wanted:
+            self.wanted[d.dispatch_id] = d
+        if d.status == DispatchStatus.QUEUED:
+            self.queued.append(d)
+        elif (
+            now is not None
+            and d.status == DispatchStatus.CLAIMED
+            and d.lease_until is not None
+            and d.lease_until < now
+            and (expired_limit is None or len(self.expired) < expired_limit)
+        ):
+            self.expired.append(d)
 
 
 def _page(rows: list[T], limit: int | None, offset: int) -> list[T]:

@@ -526,10 +526,14 @@ class NatsDispatchStore(ThreadStore):
                 purged += 1
         return purged
 
+    def _is_dispatch_key(self, subject: str) -> bool:
+        """Whether a subject of the thread subtree (`t.>`) holds a dispatch (not an epoch)."""
+        return _split_thread_key(subject[len(self._kv) :])[1].startswith("d.")
+
     async def _iter_dispatches(self, written_before: int | None = None) -> AsyncIterator[RunDispatch]:
         async for page in self._scan_pages(f"{self._kv}t.>", written_before=written_before):
             for e in page:
-                if not e.deleted and _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
+                if not e.deleted and self._is_dispatch_key(e.subject):
                     yield _dispatch_decoder.decode(e.data)
 
     async def sweep_view(self, now: int, expired_limit: int) -> tuple[list[RunRecord], Survey]:
@@ -561,7 +565,7 @@ class NatsDispatchStore(ThreadStore):
         async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
             for e in page:
                 index.dispatch_seq = max(index.dispatch_seq, e.seq)
-                if not _split_thread_key(e.subject[len(self._kv) :])[1].startswith("d."):
+                if not self._is_dispatch_key(e.subject):
                     continue
                 if e.deleted:
                     index.dispatches.pop(e.subject, None)
@@ -588,18 +592,12 @@ class NatsDispatchStore(ThreadStore):
         wanted = {r.dispatch_id for r in open_runs if r.dispatch_id}
         survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
         for key, d in list(index.dispatches.items()):
-            if d.is_terminal and d.dispatch_id not in wanted:
-                del index.dispatches[key]  # counted; kept only while an open run refers to it
-                continue
-            if d.dispatch_id in wanted:
-                survey.wanted[d.dispatch_id] = d
-            if d.is_terminal:
-                continue
-            survey.counts[d.status] += 1
-            if d.status == DispatchStatus.QUEUED:
-                survey.queued.append(d)
-            elif d.lease_until is not None and d.lease_until < now and len(survey.expired) < expired_limit:
-                survey.expired.append(d)
+            if not d.is_terminal:
+                survey.add(d, now, wanted, expired_limit)
+            elif d.dispatch_id in wanted:
+                survey.wanted[d.dispatch_id] = d  # counted when it ended
+            else:
+                del index.dispatches[key]  # kept only while an open run refers to it
         return open_runs, survey
 
     # ------------------------------------------------------------------ snapshot and commit
