@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from .model import RunDispatch
+from .natsclient import subscribe_inline
 from .store import keys
 
 log = logging.getLogger("mailbox.events")
@@ -107,9 +108,9 @@ class _BatchReader:
         async with self._lock:
             if self._sub is None:
                 self._inbox = self.nc.new_inbox()
-                self._sub = await self.nc.subscribe(self._inbox + ".*", cb=self._on_reply, pending_msgs_limit=-1)
+                self._sub = await subscribe_inline(self.nc, self._inbox + ".*", self._on_reply)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         entry = self._pending.get(token)
         if entry is None:
@@ -226,7 +227,7 @@ class EventStream:
                 return
             if self._acks is None:
                 self._ack_inbox = self.nc.new_inbox()
-                self._acks = await self.nc.subscribe(self._ack_inbox, cb=self._on_ack)
+                self._acks = await subscribe_inline(self.nc, self._ack_inbox, self._on_ack)
             # no waiting for the ack: the emitter goes on (events of one connection stay in
             # order in the stream), and a failed ack is counted and logged by _on_ack
             subject = keys.events_subject(self.prefix, event.thread_id, event.run_id)
@@ -236,7 +237,7 @@ class EventStream:
         except Exception as exc:
             log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)
 
-    async def _on_ack(self, msg: Any) -> None:
+    def _on_ack(self, msg: Msg) -> None:
         self._unacked = max(0, self._unacked - 1)
         if b'"error"' in msg.data or (msg.headers and msg.headers.get("Status")):
             self.failed += 1

@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from ..natsclient import connect as connect_client
+from ..natsclient import connect as connect_client, subscribe_inline
 from ..streams import differences
 from ..model import DispatchStatus, RunDispatch, RunRecord, StoreError, StoreUnavailableError
 from . import ops
@@ -212,7 +212,7 @@ class NatsDispatchStore(ThreadStore):
         try:
             await store._ensure_bucket(replicas)
             store._inbox = nc.new_inbox()
-            store._reply_sub = await nc.subscribe(store._inbox + ".*", cb=store._on_reply, pending_msgs_limit=-1)
+            store._reply_sub = await subscribe_inline(nc, store._inbox + ".*", store._on_reply)
         except BaseException:
             if owns:
                 await nc.close()
@@ -850,7 +850,7 @@ class NatsDispatchStore(ThreadStore):
                     raise
                 seen = len(msgs)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         pending = self._pending.get(token)
         if pending is None:
