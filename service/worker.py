@@ -12,6 +12,7 @@ import enum
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ from .store.base import CLOCK_SKEW_MS, Survey
 from .store.ops import ThreadState
 
 log = logging.getLogger("mailbox.worker")
+
+# dispatches this pod completed, remembered to settle their late signals without a store read;
+# small enough to be full early in a pod's life (a steady memory footprint)
+FINISHED_MEMORY = 8192
 
 
 def wall_clock_ms() -> int:
@@ -111,6 +116,7 @@ class WorkerManager:
         self.metrics = metrics or Metrics()
         self.tracer = tracer or trace.NoOpTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
+        self._finished_here: OrderedDict[str, None] = OrderedDict()  # dispatches this pod completed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -252,6 +258,11 @@ class WorkerManager:
             if receipt.deliveries > 1:
                 self.signal_stats["redelivered"] += 1
                 self.metrics.signals_redelivered.inc()
+            if signal.dispatch_id in self._finished_here:
+                # we completed it (a completed dispatch never runs again): a late wake-up, most
+                # often for a run we chained before its own signal came; nothing to read
+                await self._settle(receipt.ack())
+                return
             attempt = await self.try_dispatch_next(signal.thread_id)
             if attempt in (Attempt.CLAIMED, Attempt.BUSY):
                 await self._settle(receipt.ack())
@@ -510,7 +521,10 @@ class WorkerManager:
         now = self.clock()
         result = RunDispatchResult(run_id=d.run_id, dispatch_instance_id=instance, status=status)
         with self.metrics.timed("ack"):
-            await self._call(self.store.complete(d.dispatch_id, token, result, now), d)
+            if await self._call(self.store.complete(d.dispatch_id, token, result, now), d):
+                self._finished_here[d.dispatch_id] = None
+                if len(self._finished_here) > FINISHED_MEMORY:
+                    self._finished_here.popitem(last=False)
 
     async def _update_run(
         self, d: RunDispatch, change: Callable[[RunRecord], RunRecord | None], missing_ok: bool = False

@@ -592,3 +592,23 @@ async def test_a_live_cancel_of_a_run_already_being_cancelled_counts_as_delivere
             await execution.task
     finally:
         await stop_all([pod])
+
+
+async def test_a_late_signal_for_a_run_this_pod_finished_costs_no_store_read(nats_url, prefix):
+    """A thread's runs are mostly chained by the pod that ran the previous one, so their own
+    signals arrive after they finished: such a signal is acked on what the pod knows."""
+    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=3_600_000), url=nats_url, handler="echo")
+    try:
+        seen = record_signals(pod)
+        run_id = await submit(pod, "t", "x")
+        await wait_runs(pod, [run_id])
+        dispatch_id = (await pod.store.load_run(run_id)).dispatch_id
+        await asyncio.sleep(0.2)  # its own signal, if any, is settled
+        acked, stats = pod.worker.signal_stats["ack"], vars(pod.store.stats).copy()
+        await pod.signals.publish("t", dispatch_id)  # a late copy (as if still in the backlog)
+        await wait_for(lambda: _async(pod.worker.signal_stats["ack"] == acked + 1), timeout=5)
+        assert [n for _, d, n in seen if d == dispatch_id][-1] == 1
+        assert vars(pod.store.stats) == stats  # no probe, no thread read, no write
+        assert (await pod.signals.pending())[0] == 0
+    finally:
+        await pod.stop()
