@@ -257,19 +257,24 @@ async def test_an_empty_body_counts_as_an_empty_object(nats_url):
 async def test_stats_reads_what_changed_since_it_last_looked_not_the_bucket(nats_url):
     async with running_pods(nats_url, sweep_interval_ms=3_600_000) as [pod]:
         prefix = pod.settings.prefix
+        async def finished(run_id: str) -> None:
+            for _ in range(200):
+                run = await pod.store.load_run(run_id)
+                d = await pod.store.load_dispatch(run.dispatch_id) if run is not None else None
+                if run is not None and run.is_done and d is not None and d.status.is_terminal:
+                    return
+                await asyncio.sleep(0.02)
+
         for i in range(3):
             _, reply = await call(pod.nc, prefix, "submit", {"thread_id": f"t{i}", "input": i})
+            await finished(reply["run_id"])  # quiet: nothing is written between the next two looks
         _, first = await call(pod.nc, prefix, "stats", b"")
         before = pod.store.stats.scanned_keys
         _, again = await call(pod.nc, prefix, "stats", b"")
         assert pod.store.stats.scanned_keys == before  # nothing written since: nothing read
         assert again["depth"] == first["depth"]
         _, reply = await call(pod.nc, prefix, "submit", {"thread_id": "t9", "input": 9})
-        for _ in range(200):
-            run = await pod.store.load_run(reply["run_id"])
-            if run is not None and run.is_done:
-                break
-            await asyncio.sleep(0.02)
+        await finished(reply["run_id"])
         _, last = await call(pod.nc, prefix, "stats", b"")
         assert sum(last["depth"].values()) == sum(first["depth"].values()) + 1
         assert pod.store.stats.scanned_keys - before < 20  # the new run's keys, not the bucket
