@@ -468,6 +468,9 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dispatch_id: str | None = None
     """The dispatch that currently activates the run (or did last)."""
+    dispatch_instance_id: str | None = None
+    """The attempt (claim) of that dispatch that started the run last: a reclaimed dispatch's
+    older attempt may no longer write the run."""
     output: Any = None
     error: str | None = None
     termination: Termination | None = None

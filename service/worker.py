@@ -86,6 +86,7 @@ class Execution:
     lease_until: int = 0
     renewal_now: asyncio.Event = field(default_factory=asyncio.Event)
     handler_done: bool = False
+    instance: str | None = None  # this attempt's start id, once started
 
 
 class WorkerManager:
@@ -361,9 +362,10 @@ class WorkerManager:
                 except StoreError as exc:
                     log.warning("event=start_failed dispatch=%s error=%s", d.dispatch_id, exc)
                     return  # the lease lapses and the sweep reclaims it
+            execution.instance = instance
             # one compare-and-set both reads the run (verified, never a cached guess) and marks it running
             try:
-                run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, self.clock()))
+                run = await self.store.update_run(d.run_id, lambda r: _started(r, d.dispatch_id, instance, self.clock()))
             except NotFoundError:
                 await self._dead_letter(d, token, f"run '{d.run_id}' not found for dispatch '{d.dispatch_id}'", None)
                 return
@@ -449,38 +451,40 @@ class WorkerManager:
         if outcome.kind == "ok":
             # run first, then dispatch: if the run's write fails, the claim is left to lapse
             # and the run runs again, rather than an acked dispatch with an unfinished run
-            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value)) is _FAILED:
+            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, output=outcome.value), instance=instance) is _FAILED:
                 return
             await self._complete_dispatch(d, token, instance, RunStatus.DONE, outcome.value)
             await self._event("finished", d, {"status": "done", "output": outcome.value})
         elif outcome.kind == "waiting":
             s: Suspended = outcome.value
-            if await self._update_run(d, lambda r: _waiting(r, s.ticket, s.prompt, now)) is _FAILED:
+            if await self._update_run(d, lambda r: _waiting(r, s.ticket, s.prompt, now), instance=instance) is _FAILED:
                 return
             await self._complete_dispatch(d, token, instance, RunStatus.WAITING, None)
         elif outcome.kind == "permanent":
             await self._dead_letter(d, token, outcome.value, instance)
         elif outcome.kind == "transient":
-            await self._retry(d, token, outcome.value)
+            await self._retry(d, token, outcome.value, instance)
         else:
             await self._after_cancel(execution, instance, outcome.value)
 
-    async def _retry(self, d: RunDispatch, token: str, error: str) -> None:
+    async def _retry(self, d: RunDispatch, token: str, error: str, instance: str) -> None:
         now = self.clock()
         if d.attempt_count + 1 >= d.max_attempts:  # this nack dead-letters
-            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error))
+            await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error), instance=instance)
             await self._call(self.store.nack(d.dispatch_id, token, now, error, now), d)
             await self._event("dead_lettered", d, {"error": error, "attempts": d.attempt_count + 1})
             return
         retry_at = now + retry.retry_delay_ms(d.attempt_count, self.settings.retry_base_ms, self.settings.retry_cap_ms)
-        await self._update_run(d, lambda r: msgspec.structs.replace(r, status=RunStatus.CREATED, error=error, updated_at=now))
+        await self._update_run(
+            d, lambda r: msgspec.structs.replace(r, status=RunStatus.CREATED, error=error, updated_at=now), instance=instance
+        )
         if await self._call(self.store.nack(d.dispatch_id, token, retry_at, error, now), d):
             await self._event("rescheduled", d, {"reason": "retry_backoff", "retry_at": retry_at, "error": error})
             await self._signal(d)
 
     async def _dead_letter(self, d: RunDispatch, token: str, error: str, instance: str | None) -> None:
         now = self.clock()
-        await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error), missing_ok=True)
+        await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, error=error), missing_ok=True, instance=instance)
         if await self._call(self.store.dead_letter(d.dispatch_id, token, error, now), d):
             await self._event("dead_lettered", d, {"error": error, "attempts": d.attempt_count + 1})
 
@@ -489,7 +493,7 @@ class WorkerManager:
         token = d.claim_token or ""
         now = self.clock()
         if reason is CancelReason.CANCELLED:
-            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True)) is _FAILED:
+            if await self._update_run(d, lambda r: _finished(r, RunStatus.DONE, now, cancelled=True), instance=instance) is _FAILED:
                 return
             await self._complete_dispatch(d, token, instance, RunStatus.DONE, None)
             await self._event("cancelled", d, {"reason": "cancelled"})
@@ -527,15 +531,22 @@ class WorkerManager:
                     self._finished_here.popitem(last=False)
 
     async def _update_run(
-        self, d: RunDispatch, change: Callable[[RunRecord], RunRecord | None], missing_ok: bool = False
+        self,
+        d: RunDispatch,
+        change: Callable[[RunRecord], RunRecord | None],
+        missing_ok: bool = False,
+        instance: str | None = None,
     ) -> object:
         """Change the run that `d` carries: `_CHANGED`, `_UNCHANGED` (finished already, or the run
-        has moved on to another dispatch: a stale owner never rewrites it), or `_FAILED`."""
+        has moved on to another dispatch, or, with the `instance` of an execution, to a later
+        attempt of this one: a stale owner never rewrites it), or `_FAILED`."""
         changed = False
 
         def fenced(r: RunRecord) -> RunRecord | None:
             nonlocal changed
             if r.is_done or r.dispatch_id != d.dispatch_id:
+                return None
+            if instance is not None and r.dispatch_instance_id not in (None, instance):
                 return None
             new = change(r)
             changed = new is not None and new != r
@@ -842,7 +853,7 @@ class _Hooks:
     async def suspended(self, ticket: str, prompt: Any) -> None:
         m, d = self.manager, self.execution.dispatch
         now = m.clock()
-        await m._update_run(d, lambda r: _waiting(r, ticket, prompt, now))
+        await m._update_run(d, lambda r: _waiting(r, ticket, prompt, now), instance=self.execution.instance)
         self.execution.renewal_now.set()  # the suspended lease applies from now on
         await m._event("suspended", d, {"ticket": ticket, "prompt": prompt})
 
@@ -850,7 +861,9 @@ class _Hooks:
         m, d = self.manager, self.execution.dispatch
         now = m.clock()
         await m._update_run(
-            d, lambda r: msgspec.structs.replace(r, status=RunStatus.RUNNING, waiting=None, updated_at=now)
+            d,
+            lambda r: msgspec.structs.replace(r, status=RunStatus.RUNNING, waiting=None, updated_at=now),
+            instance=self.execution.instance,
         )
         self.execution.renewal_now.set()
         await m._event("resumed", d, {"ticket": ticket})
@@ -859,11 +872,17 @@ class _Hooks:
 # ---------------------------------------------------------------------- run record changes (pure)
 
 
-def _started(r: RunRecord, dispatch_id: str, now: int) -> RunRecord | None:
+def _started(r: RunRecord, dispatch_id: str, instance: str, now: int) -> RunRecord | None:
     if r.is_done or r.dispatch_id not in (None, dispatch_id):
         return None  # finished, or carried by another dispatch now
     return msgspec.structs.replace(
-        r, status=RunStatus.RUNNING, dispatch_id=dispatch_id, attempts=r.attempts + 1, waiting=None, updated_at=now
+        r,
+        status=RunStatus.RUNNING,
+        dispatch_id=dispatch_id,
+        dispatch_instance_id=instance,
+        attempts=r.attempts + 1,
+        waiting=None,
+        updated_at=now,
     )
 
 

@@ -563,9 +563,44 @@ async def test_a_stale_owner_never_rewrites_a_run_that_moved_on(nats_url, prefix
         outcome = await pod.worker._update_run(d, lambda r: replace(r, status=RunStatus.CREATED))
         assert outcome is _UNCHANGED
         assert (await pod.store.load_run("r1")).status == RunStatus.RUNNING
-        assert _started(await pod.store.load_run("r1"), d.dispatch_id, 1) is None
+        assert _started(await pod.store.load_run("r1"), d.dispatch_id, "i1", 1) is None
     finally:
         await pod.stop()
+
+
+async def test_an_owner_whose_claim_was_reclaimed_never_rewrites_the_run(nats_url, prefix):
+    """The same dispatch, claimed again after its lease lapsed: the run now belongs to the
+    new attempt, and the old one's late result is refused (chaos seed 836066)."""
+    gates = {1: asyncio.Event(), 2: asyncio.Event()}
+    started: list[int] = []
+
+    async def waits_for_its_gate(run: RunContext):
+        started.append(run.attempt)
+        await gates[run.attempt].wait()
+        return f"attempt {run.attempt}"
+
+    settings = fast_settings(prefix, lease_ms=600, lease_renewal_ms=3_600_000, sweep_interval_ms=3_600_000)
+    old = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="old")
+    new = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="new", start_worker=False)
+    try:
+        run_id = await submit(old, "t", "x")
+        await wait_for(lambda: _async(started == [1]))
+        old.worker._stopping = True  # like a paused pod: it takes no more signals
+        await asyncio.sleep(0.7)  # the lease lapses (renewals are off)
+        await new.worker.sweep()  # reclaimed; its signal goes to the new pod
+        await new.worker.start(recover=False)
+        await wait_for(lambda: _async(started == [1, 2]))
+        gates[1].set()  # attempt 1 finishes late, while attempt 2 runs
+        await asyncio.sleep(0.5)
+        run = await new.store.load_run(run_id)
+        assert run.status == RunStatus.RUNNING and run.output is None
+        gates[2].set()
+        done = await wait_runs(new, [run_id])
+        assert done[0].output == "attempt 2" and done[0].attempts == 2
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await stop_all([old, new])
 
 
 async def _reconcile(pod, now: int) -> int:
