@@ -118,6 +118,9 @@ class WorkerManager:
         self.tracer = tracer or trace.NoOpTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
         self._finished_here: OrderedDict[str, None] = OrderedDict()  # dispatches this pod completed
+        # threads with a signal acked as BUSY since our last claim on them: acked on our promise
+        # to chain, for work our own last commit may not have seen
+        self._promised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -165,21 +168,32 @@ class WorkerManager:
 
     # ------------------------------------------------------------------ claiming
 
-    async def try_dispatch_next(self, thread_id: str) -> Attempt:
-        """Claim the thread's next eligible dispatch and start executing it here."""
+    async def try_dispatch_next(self, thread_id: str, *, chained: bool = False) -> Attempt:
+        """Claim the thread's next eligible dispatch and start executing it here. `chained`:
+        right after this pod completed the thread's previous dispatch (a guarded write: our
+        view of the thread is current as of it, and what was enqueued since has a signal)."""
         if thread_id in self._busy:
             return Attempt.BUSY
         if self._stopping or len(self._busy) >= self.settings.concurrency:
             return Attempt.AT_CAPACITY
         self._busy[thread_id] = None  # claiming: closes the race of two callers seeing "idle"
+        # a signal acked as BUSY was acked on our promise to claim what it names: our own last
+        # write may predate it, so the claim looks again (and again, for one acked meanwhile)
+        trust_own_commit = chained and thread_id not in self._promised
         try:
             with self.metrics.timed("claim"), self.tracer.start_as_current_span(
                 "mailbox.claim", attributes={"mailbox.thread_id": thread_id}
             ):
-                # the claim records the start in the same write: this pod runs what it claims now
-                claimed = await self.store.claim(
-                    thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1, start=self.store.new_token()
-                )
+                while True:
+                    self._promised.discard(thread_id)
+                    # the claim records the start in the same write: this pod runs what it claims now
+                    claimed = await self.store.claim(
+                        thread_id, self.consumer_id, self.settings.lease_ms, self.clock(), 1,
+                        start=self.store.new_token(), after_own_commit=trust_own_commit,
+                    )
+                    if claimed or thread_id not in self._promised:
+                        break
+                    trust_own_commit = False
         except StoreError as exc:
             self._busy.pop(thread_id, None)
             log.warning("event=claim_failed thread=%s error=%s", thread_id, exc)
@@ -212,13 +226,15 @@ class WorkerManager:
         thread_id = execution.dispatch.thread_id
         if self._busy.get(thread_id) is execution:
             del self._busy[thread_id]
-        self._spawn(self._chain(thread_id))  # finish, then claim the thread's next dispatch
+        # finish, then claim the thread's next dispatch
+        self._spawn(self._chain(thread_id, completed=execution.dispatch.dispatch_id in self._finished_here))
 
-    async def _chain(self, thread_id: str) -> None:
-        attempt = await self.try_dispatch_next(thread_id)
+    async def _chain(self, thread_id: str, completed: bool) -> None:
+        attempt = await self.try_dispatch_next(thread_id, chained=completed)
         if attempt in (Attempt.AT_CAPACITY, Attempt.TRANSIENT_ERROR):
             # we cannot take the thread's next run (full, or draining): hand it to any pod.
             # Signals for it may have been acked on the promise that we would chain.
+            self._promised.discard(thread_id)
             try:
                 queued = await self.store.list_dispatches(thread_id, [DispatchStatus.QUEUED])
             except StoreError:
@@ -265,6 +281,8 @@ class WorkerManager:
                 await self._settle(receipt.ack())
                 return
             attempt = await self.try_dispatch_next(signal.thread_id)
+            if attempt is Attempt.BUSY:
+                self._promised.add(signal.thread_id)  # our chain must look past its own last write
             if attempt in (Attempt.CLAIMED, Attempt.BUSY):
                 await self._settle(receipt.ack())
             elif attempt is Attempt.TRANSIENT_ERROR:

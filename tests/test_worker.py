@@ -647,3 +647,43 @@ async def test_a_late_signal_for_a_run_this_pod_finished_costs_no_store_read(nat
         assert (await pod.signals.pending())[0] == 0
     finally:
         await pod.stop()
+
+
+async def test_a_thread_that_runs_dry_costs_no_extra_read_after_its_last_run(nats_url, prefix):
+    """After completing a run the pod claims the thread's next one on what its own completion
+    wrote (a guarded write, current as of then), so finding the thread empty reads nothing."""
+    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=3_600_000), url=nats_url, handler="echo")
+    try:
+        await wait_runs(pod, [await submit(pod, "warm", 0)])
+        probes = pod.store.stats.probes
+        for i in range(10):
+            await wait_runs(pod, [await submit(pod, "t", i)])
+        await asyncio.sleep(0.2)  # the last chain has looked
+        assert pod.store.stats.probes - probes <= 1
+    finally:
+        await pod.stop()
+
+
+async def test_a_signal_acked_while_the_chain_claims_is_claimed_after_all(nats_url, prefix):
+    """Another pod enqueues while this pod's chain decides "nothing left" on its own last
+    write; the new run's signal reaches this pod, finds the thread busy and is acked on the
+    promise that the chain takes it: the chain must look again rather than strand it."""
+    settings = fast_settings(prefix, sweep_interval_ms=3_600_000)
+    pod = await start_pod(settings, url=nats_url, handler="echo", consumer_id="a")
+    other = await start_pod(settings, url=nats_url, handler="echo", consumer_id="b", start_worker=False)
+    real_claim = pod.store.claim
+    late: list[str] = []
+
+    async def claim_racing_an_enqueue(thread_id, *args, after_own_commit=False, **kw):
+        if after_own_commit and thread_id == "t" and not late:
+            late.append(await submit(other, "t", "late"))  # its signal goes to `pod`, busy claiming
+            await wait_for(lambda: _async("t" in pod.worker._promised), timeout=5)
+        return await real_claim(thread_id, *args, after_own_commit=after_own_commit, **kw)
+
+    pod.store.claim = claim_racing_an_enqueue
+    try:
+        await wait_runs(pod, [await submit(pod, "t", "first")])
+        await wait_for(lambda: _async(bool(late)), timeout=5)
+        await wait_runs(pod, late, timeout=3)  # long before any sweep would republish it
+    finally:
+        await stop_all([pod, other])

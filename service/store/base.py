@@ -87,12 +87,18 @@ class ThreadStore(ABC):
 
     @abstractmethod
     async def _thread_op(
-        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+        self,
+        thread_id: str,
+        decide: Callable[[ThreadState], Outcome[T]],
+        *,
+        full: bool = False,
+        trust_own_commit: bool = False,
     ) -> T:
         """Read the thread, decide, commit the change atomically with respect to every other
         change of the thread (re-deciding after a conflict), then raise `outcome.error` if set.
         `full`: the decision needs the thread's terminal dispatches too (a backend may otherwise
-        decide on its live dispatches alone)."""
+        decide on its live dispatches alone). `trust_own_commit`: a decision that writes
+        nothing may rest on the state this store's own last commit on the thread produced."""
 
     @abstractmethod
     async def _read_thread(self, thread_id: str) -> ThreadState: ...
@@ -158,16 +164,29 @@ class ThreadStore(ABC):
         return created
 
     async def claim(
-        self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1, *, start: str | None = None
+        self,
+        thread_id: str,
+        consumer_id: str,
+        lease_ms: int,
+        now: int,
+        limit: int = 1,
+        *,
+        start: str | None = None,
+        after_own_commit: bool = False,
     ) -> list[RunDispatch]:
         """Claim up to `limit` eligible dispatches of the thread, unless one is already claimed.
-        With `start` (an instance id), the claim also records the attempt's start, in one write."""
+        With `start` (an instance id), the claim also records the attempt's start, in one write.
+        `after_own_commit`: the caller's last change to the thread (through this store) is all
+        it needs to have seen; "nothing to claim" is then answered without re-reading, because
+        work enqueued since wakes a pod by its own signal (the worker's chain after an ack)."""
         validate_id(thread_id, "thread_id")
         validate_id(consumer_id, "consumer_id")
         _check_non_negative(lease_ms=lease_ms, now=now, limit=limit)
         token = self.new_token()
         return await self._thread_op(
-            thread_id, lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit, start)
+            thread_id,
+            lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit, start),
+            trust_own_commit=after_own_commit,
         )
 
     async def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int) -> RunDispatch | None:

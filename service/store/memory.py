@@ -26,7 +26,12 @@ class MemoryDispatchStore(ThreadStore):
         self._leaders: dict[str, tuple[str, int]] = {}
 
     async def _thread_op(
-        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+        self,
+        thread_id: str,
+        decide: Callable[[ThreadState], Outcome[T]],
+        *,
+        full: bool = False,
+        trust_own_commit: bool = False,  # the state here is always current
     ) -> T:
         state = self._threads.get(thread_id) or ThreadState(thread_id=thread_id)
         outcome = decide(_copy(state))

@@ -270,7 +270,12 @@ class NatsDispatchStore(ThreadStore):
     # ------------------------------------------------------------------ primitives
 
     async def _thread_op(
-        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], *, full: bool = False
+        self,
+        thread_id: str,
+        decide: Callable[[ThreadState], Outcome[T]],
+        *,
+        full: bool = False,
+        trust_own_commit: bool = False,
     ) -> T:
         # Changes to one thread from this process queue up here instead of racing each other
         # through the guard (128 concurrent submits to one thread otherwise mostly conflict);
@@ -281,14 +286,14 @@ class NatsDispatchStore(ThreadStore):
         lock.users += 1
         try:
             async with lock:
-                return await self._thread_op_locked(thread_id, decide, full)
+                return await self._thread_op_locked(thread_id, decide, full, trust_own_commit)
         finally:
             lock.users -= 1
             if not lock.users:
                 del self._locks[thread_id]
 
     async def _thread_op_locked(
-        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], full: bool
+        self, thread_id: str, decide: Callable[[ThreadState], Outcome[T]], full: bool, trust_own_commit: bool
     ) -> T:
         deadline = time.monotonic() + self._unavailable_after
         attempt = 0
@@ -309,9 +314,10 @@ class NatsDispatchStore(ThreadStore):
                 state, rev = await self._snapshot(thread_id)
                 verified = True
                 continue
-            if not verified and not outcome.change:
-                # a decision that writes nothing is never taken on the cache alone: a cheap
-                # probe of the thread's revision confirms it, else the thread is read
+            if not verified and not outcome.change and not trust_own_commit:
+                # a decision that writes nothing is never taken on the cache alone (unless the
+                # caller says our own last commit suffices): a cheap probe of the thread's
+                # revision confirms it, else the thread is read
                 verified = True
                 if await self._revision(thread_id) != rev:
                     state, rev = await self._snapshot(thread_id)
