@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from opentelemetry import trace
 
 from . import live
 from .events import EventStream
@@ -44,7 +43,7 @@ from .protocol import (
 )
 from .metrics import Metrics
 from .signals import Signals
-from .tracing import context_from, current_carrier
+from .tracing import PassThroughTracer, context_from, current_carrier
 from .store import DispatchStore
 from .store.base import encode_record
 
@@ -111,7 +110,7 @@ class Mailbox:
         self.default_max_attempts = default_max_attempts
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
         self.new_id = IdGenerator()
-        self.tracer = tracer or trace.NoOpTracer()
+        self.tracer = tracer or PassThroughTracer()
         self.metrics = metrics or Metrics()
 
     # ------------------------------------------------------------------ submit

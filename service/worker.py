@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 import nats.errors
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from . import retry
 from .config import Settings
@@ -28,7 +27,7 @@ from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .metrics import Metrics
-from .tracing import carrier_from, context_from
+from .tracing import PassThroughTracer, carrier_from, context_from
 from .model import (
     RUN_SUPERSEDED,
     DispatchStatus,
@@ -115,7 +114,7 @@ class WorkerManager:
         self.consumer_id = consumer_id or f"pod-{uuid.uuid4().hex[:12]}"
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.tracer = tracer or trace.NoOpTracer()
+        self.tracer = tracer or PassThroughTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
         self._finished_here: OrderedDict[str, None] = OrderedDict()  # dispatches this pod completed
         # threads with a signal acked as BUSY since our last claim on them: acked on our promise

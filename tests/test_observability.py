@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.app import start_pod
 from service.client import MailboxClient
 from service.config import Settings
+from service.handlers import RunContext
 from service.protocol import SubmitRequest
 
 from .conftest import unique_prefix
@@ -132,3 +135,42 @@ async def test_one_trace_from_the_caller_through_the_signal_to_the_handler(nats_
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_without_an_exporter_each_handler_still_joins_its_callers_trace(nats_url, monkeypatch):
+    """Tracing off in the service (no OTEL_* settings): it records nothing, but each run's
+    trace context still passes through, so spans the handler's own code makes join the trace
+    of the caller that submitted that run, also for a run chained after another caller's."""
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    exporter = InMemorySpanExporter()
+    user_provider = TracerProvider()
+    user_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    user_tracer = user_provider.get_tracer("user")
+    second_queued = asyncio.Event()
+
+    async def handler(run: RunContext):
+        if run.input == "first":
+            await second_queued.wait()  # the second run is chained after this one
+        with user_tracer.start_as_current_span(f"handler.{run.input}"):
+            return run.input
+
+    pod = await start_pod(fast_settings(unique_prefix("pt")), url=nats_url, handler=handler)
+    client = await MailboxClient.connect(nats_url, prefix=pod.settings.prefix)
+    try:
+        roots = {}
+        replies = []
+        for name in ("first", "second"):
+            with user_tracer.start_as_current_span(f"caller.{name}") as roots[name]:
+                replies.append(await client.submit("t", name))
+        second_queued.set()
+        for reply in replies:
+            assert (await client.wait(reply.run_id, timeout=20)).status == "done"
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        assert sorted(spans) == ["caller.first", "caller.second", "handler.first", "handler.second"]
+        for name in ("first", "second"):
+            work, root = spans[f"handler.{name}"], roots[name].get_span_context()
+            assert work.context.trace_id == root.trace_id and work.parent.span_id == root.span_id, name
+    finally:
+        await client.close()
+        await pod.stop()
