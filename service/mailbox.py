@@ -44,6 +44,7 @@ from .protocol import (
 from .metrics import Metrics
 from .signals import Signals
 from .tracing import PassThroughTracer, context_from, current_carrier
+from .worker import Attempt
 from .store import DispatchStore
 from .store.base import encode_record
 
@@ -239,10 +240,15 @@ class Mailbox:
     async def _wake(self, dispatch: RunDispatch) -> str:
         """Start the dispatch here if this pod has room, else wake a pod with a signal."""
         if self.worker is not None and dispatch.available_at <= self.clock():
-            await self.worker.try_dispatch_next(dispatch.thread_id)
+            attempt = await self.worker.try_dispatch_next(dispatch.thread_id)
             execution = self.worker.local_execution(dispatch.thread_id)
             if execution is not None and execution.dispatch.dispatch_id == dispatch.dispatch_id:
                 return "running"
+            if attempt is Attempt.BUSY:
+                # this pod holds the thread and claims its next dispatch when it is done (or
+                # signals it, if it cannot); were it to die first, the dispatch would wait for
+                # the sweep that reclaims the thread, as a signal would too
+                return "queued"
         if self.signals is not None:
             try:
                 await self.signals.publish(dispatch.thread_id, dispatch.dispatch_id, headers=current_carrier())

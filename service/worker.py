@@ -61,7 +61,7 @@ class Attempt(enum.Enum):
     """What `try_dispatch_next` did for a thread."""
 
     CLAIMED = "claimed"
-    BUSY = "busy"  # this pod already runs the thread; its chaining takes the next one
+    BUSY = "busy"  # this pod already runs (or claims) the thread and will claim its next one
     AT_CAPACITY = "at_capacity"  # no free slot on this pod
     NO_ELIGIBLE = "no_eligible"
     TRANSIENT_ERROR = "transient_error"
@@ -117,8 +117,8 @@ class WorkerManager:
         self.tracer = tracer or PassThroughTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
         self._finished_here: OrderedDict[str, None] = OrderedDict()  # dispatches this pod completed
-        # threads with a signal acked as BUSY since our last claim on them: acked on our promise
-        # to chain, for work our own last commit may not have seen
+        # threads told BUSY since our last claim on them: the caller (a signal acked, a submit
+        # that sent no signal) relies on our next claim, which must look past our own last commit
         self._promised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -172,12 +172,13 @@ class WorkerManager:
         right after this pod completed the thread's previous dispatch (a guarded write: our
         view of the thread is current as of it, and what was enqueued since has a signal)."""
         if thread_id in self._busy:
+            self._promised.add(thread_id)
             return Attempt.BUSY
         if self._stopping or len(self._busy) >= self.settings.concurrency:
             return Attempt.AT_CAPACITY
         self._busy[thread_id] = None  # claiming: closes the race of two callers seeing "idle"
-        # a signal acked as BUSY was acked on our promise to claim what it names: our own last
-        # write may predate it, so the claim looks again (and again, for one acked meanwhile)
+        # a caller told BUSY relies on this claim to take what it knows of: our own last write
+        # may predate that, so the claim looks again (and again, for one told BUSY meanwhile)
         trust_own_commit = chained and thread_id not in self._promised
         try:
             with self.metrics.timed("claim"), self.tracer.start_as_current_span(
@@ -280,8 +281,6 @@ class WorkerManager:
                 await self._settle(receipt.ack())
                 return
             attempt = await self.try_dispatch_next(signal.thread_id)
-            if attempt is Attempt.BUSY:
-                self._promised.add(signal.thread_id)  # our chain must look past its own last write
             if attempt in (Attempt.CLAIMED, Attempt.BUSY):
                 await self._settle(receipt.ack())
             elif attempt is Attempt.TRANSIENT_ERROR:

@@ -687,3 +687,27 @@ async def test_a_signal_acked_while_the_chain_claims_is_claimed_after_all(nats_u
         await wait_runs(pod, late, timeout=3)  # long before any sweep would republish it
     finally:
         await stop_all([pod, other])
+
+
+async def test_a_run_submitted_behind_one_running_here_needs_no_signal(nats_url, prefix):
+    """The pod that runs a thread claims its next dispatch when it is done, so a submit to
+    that thread on the same pod sends no signal (no fetch, no ack) and still runs next."""
+    gate = asyncio.Event()
+
+    async def first_blocks(run: RunContext):
+        if run.input == "first":
+            await gate.wait()
+        return run.input
+
+    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=3_600_000), url=nats_url, handler=first_blocks)
+    try:
+        first = await submit(pod, "t", "first")
+        await wait_for(lambda: _run_status(pod, first, RunStatus.RUNNING))
+        second = await pod.mailbox.submit(SubmitRequest(thread_id="t", input="second"))
+        assert second.status == "queued"
+        gate.set()
+        await wait_runs(pod, [first, second.run_id], timeout=5)
+        assert pod.worker.signal_stats["pulled"] == 0
+        assert (await pod.signals.pending())[0] == 0
+    finally:
+        await pod.stop()
