@@ -464,6 +464,21 @@ class WorkerManager:
         self.metrics.runs.labels(label).inc()
         self.metrics.runtime.labels(label).observe(max(0, now - (d.updated_at or now)) / 1000)
         self.metrics.enqueue_to_complete.labels(label).observe(max(0, now - d.created_at) / 1000)
+        shutdown = outcome.kind == "cancelled" and outcome.value is CancelReason.SHUTDOWN
+        if now >= execution.lease_until and not shutdown:
+            # the lease ran out while the handler ran (renewals failing): the sweep may have
+            # reclaimed the claim, and a run write now would land after that takeover. A claim
+            # still ours is renewed for another lease first; one that is gone leaves the run
+            # to whoever claims it next
+            try:
+                renewed = await self.store.extend_lease(d.dispatch_id, token, self.settings.lease_ms, now)
+            except StoreError:
+                renewed = False
+            if not renewed:
+                log.info("event=result_dropped_lease_lapsed dispatch=%s", d.dispatch_id)
+                await self._after_lost_start(d)
+                return
+            execution.lease_until = now + self.settings.lease_ms
         if outcome.kind == "ok":
             # run first, then dispatch: if the run's write fails, the claim is left to lapse
             # and the run runs again, rather than an acked dispatch with an unfinished run

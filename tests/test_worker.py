@@ -711,3 +711,38 @@ async def test_a_run_submitted_behind_one_running_here_needs_no_signal(nats_url,
         assert (await pod.signals.pending())[0] == 0
     finally:
         await pod.stop()
+
+
+async def test_a_result_that_comes_after_the_lease_ran_out_waits_for_the_next_owner(nats_url, prefix):
+    """The lease lapsed while the handler ran and the sweep put the dispatch back in the
+    queue; no one has claimed it yet when the old attempt finishes: its result must not
+    land (chaos seed 704359), and the next claim runs the run."""
+    gates = {1: asyncio.Event(), 2: asyncio.Event()}
+    started: list[int] = []
+
+    async def waits_for_its_gate(run: RunContext):
+        started.append(run.attempt)
+        await gates[run.attempt].wait()
+        return f"attempt {run.attempt}"
+
+    settings = fast_settings(prefix, lease_ms=600, lease_renewal_ms=3_600_000, sweep_interval_ms=3_600_000)
+    old = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="old")
+    new = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="new", start_worker=False)
+    try:
+        run_id = await submit(old, "t", "x")
+        await wait_for(lambda: _async(started == [1]))
+        old.worker._stopping = True  # like a paused pod: it takes no more signals
+        await asyncio.sleep(0.7)  # the lease lapses (renewals are off)
+        await new.worker.sweep()  # reclaimed: queued again, not yet claimed
+        gates[1].set()  # attempt 1 finishes now
+        await asyncio.sleep(0.5)
+        run = await new.store.load_run(run_id)
+        assert run.status != RunStatus.DONE and run.output is None
+        gates[2].set()
+        await new.worker.start(recover=False)
+        done = await wait_runs(new, [run_id])
+        assert done[0].output == "attempt 2" and started == [1, 2]
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await stop_all([old, new])
