@@ -738,7 +738,10 @@ class WorkerManager:
                 await self._event("dead_lettered", d, {"error": d.last_error, "attempts": d.attempt_count})
         bucket = now // self.settings.republish_after_ms
         for d in survey.queued:
-            if d.available_at <= now:
+            # a dispatch is signalled when it is enqueued, retried or reclaimed (its updated_at)
+            # and its signal comes back at available_at: only one quiet for longer than
+            # republish_after may have lost it (a backlog is not re-signalled on every sweep)
+            if max(d.updated_at, d.available_at) <= now - self.settings.republish_after_ms:
                 await self._signal(d, msg_id=f"sweep:{d.dispatch_id}:{bucket}")
         for status, n in survey.counts.items():
             self.metrics.depth.labels(status.value).set(n)

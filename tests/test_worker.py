@@ -414,7 +414,8 @@ async def test_expired_leases_are_reclaimed_at_start(nats_url, prefix):
 
 async def test_the_sweeper_repairs_a_lost_signal(nats_url, prefix):
     rec = Recorder()
-    pod = await start_pod(fast_settings(prefix, sweep_interval_ms=400), url=nats_url, handler=rec)
+    settings = fast_settings(prefix, sweep_interval_ms=400, republish_after_ms=200)
+    pod = await start_pod(settings, url=nats_url, handler=rec)
     try:
         now = pod.worker.clock()
         # written without a signal: as if the pod crashed right after the store write
@@ -422,7 +423,7 @@ async def test_the_sweeper_repairs_a_lost_signal(nats_url, prefix):
                                    RunDispatch.queued("d1", "t", "r1", now))
         t0 = time.monotonic()
         await wait_runs(pod, ["r1"], timeout=5)
-        assert time.monotonic() - t0 < 0.4 * 2 + 0.5
+        assert time.monotonic() - t0 < 0.2 + 0.4 * 2 + 0.5  # quiet for republish_after, then a sweep
     finally:
         await pod.stop()
 
@@ -746,3 +747,32 @@ async def test_a_result_that_comes_after_the_lease_ran_out_waits_for_the_next_ow
         for gate in gates.values():
             gate.set()
         await stop_all([old, new])
+
+
+async def test_the_sweeper_leaves_a_fresh_backlog_alone(nats_url, prefix):
+    """Queued dispatches whose signal went out recently are not signalled again on every
+    sweep (a backlog of 10,000 would mean 10,000 publishes per sweep): only those quiet for
+    longer than republish_after."""
+    now = [10_000_000]
+    settings = fast_settings(prefix, republish_after_ms=30_000, sweep_interval_ms=3_600_000)
+    pod = await start_pod(settings, url=nats_url, handler="echo", start_worker=False, clock=lambda: now[0])
+    republished: list[str] = []
+    real_publish = pod.signals.publish
+
+    async def spy(thread_id, dispatch_id, *, msg_id=None, **kw):
+        if msg_id and msg_id.startswith("sweep:"):
+            republished.append(dispatch_id)
+        return await real_publish(thread_id, dispatch_id, msg_id=msg_id, **kw)
+
+    pod.signals.publish = spy
+    try:
+        for i in range(5):
+            await pod.store.enqueue(RunDispatch.queued(f"d{i}", f"t{i}", f"r{i}", now[0]))
+        now[0] += 10_000
+        await pod.worker.sweep()
+        assert republished == []
+        now[0] += 25_000  # 35 s quiet: their signals may be lost
+        await pod.worker.sweep()
+        assert sorted(republished) == [f"d{i}" for i in range(5)]
+    finally:
+        await pod.stop()
