@@ -355,11 +355,7 @@ class WorkerManager:
             if d.lease_until is not None and started >= d.lease_until:
                 # the claim took longer than its lease (a stalled store): renew before running,
                 # or leave it, if it was reclaimed meanwhile
-                try:
-                    renewed = await self.store.extend_lease(d.dispatch_id, token, self.settings.lease_ms, started)
-                except StoreError:
-                    renewed = False
-                if not renewed:
+                if not await self._renew_lapsed(execution, started):
                     log.info("event=claim_expired_before_start dispatch=%s", d.dispatch_id)
                     return
             self.metrics.enqueue_to_start.observe(max(0, started - d.created_at) / 1000)
@@ -470,15 +466,10 @@ class WorkerManager:
             # reclaimed the claim, and a run write now would land after that takeover. A claim
             # still ours is renewed for another lease first; one that is gone leaves the run
             # to whoever claims it next
-            try:
-                renewed = await self.store.extend_lease(d.dispatch_id, token, self.settings.lease_ms, now)
-            except StoreError:
-                renewed = False
-            if not renewed:
+            if not await self._renew_lapsed(execution, now):
                 log.info("event=result_dropped_lease_lapsed dispatch=%s", d.dispatch_id)
                 await self._after_lost_start(d)
                 return
-            execution.lease_until = now + self.settings.lease_ms
         if outcome.kind == "ok":
             # run first, then dispatch: if the run's write fails, the claim is left to lapse
             # and the run runs again, rather than an acked dispatch with an unfinished run
@@ -634,6 +625,18 @@ class WorkerManager:
                 self._cancel(execution, CancelReason.LEASE_LOST)
                 return
             execution.lease_until = now + lease_ms
+
+    async def _renew_lapsed(self, execution: Execution, now: int) -> bool:
+        """Renew a claim whose lease ran out by our clock: True (with a fresh lease) while it
+        is still ours; False when it is gone or the store cannot say."""
+        d = execution.dispatch
+        try:
+            renewed = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", self.settings.lease_ms, now)
+        except StoreError:
+            return False
+        if renewed:
+            execution.lease_until = now + self.settings.lease_ms
+        return renewed
 
     def _cancel(self, execution: Execution, reason: CancelReason) -> bool:
         if execution.task is None or execution.task.done() or execution.cancel_reason is not None:

@@ -4,6 +4,7 @@ failures, interrupts, human decisions, recovery, sweep and GC."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 
@@ -569,9 +570,11 @@ async def test_a_stale_owner_never_rewrites_a_run_that_moved_on(nats_url, prefix
         await pod.stop()
 
 
-async def test_an_owner_whose_claim_was_reclaimed_never_rewrites_the_run(nats_url, prefix):
-    """The same dispatch, claimed again after its lease lapsed: the run now belongs to the
-    new attempt, and the old one's late result is refused (chaos seed 836066)."""
+@contextlib.asynccontextmanager
+async def _a_lapsed_attempt(nats_url: str, prefix: str):
+    """Pod `old` runs a run's attempt 1 and stops renewing (like a paused pod, it takes no
+    more signals either) until its lease lapses; pod `new` has not started its worker. Each
+    attempt's handler waits for its gate. Yields (old, new, run_id, gates, started)."""
     gates = {1: asyncio.Event(), 2: asyncio.Event()}
     started: list[int] = []
 
@@ -586,8 +589,19 @@ async def test_an_owner_whose_claim_was_reclaimed_never_rewrites_the_run(nats_ur
     try:
         run_id = await submit(old, "t", "x")
         await wait_for(lambda: _async(started == [1]))
-        old.worker._stopping = True  # like a paused pod: it takes no more signals
+        old.worker._stopping = True
         await asyncio.sleep(0.7)  # the lease lapses (renewals are off)
+        yield old, new, run_id, gates, started
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await stop_all([old, new])
+
+
+async def test_an_owner_whose_claim_was_reclaimed_never_rewrites_the_run(nats_url, prefix):
+    """The same dispatch, claimed again after its lease lapsed: the run now belongs to the
+    new attempt, and the old one's late result is refused (chaos seed 836066)."""
+    async with _a_lapsed_attempt(nats_url, prefix) as (old, new, run_id, gates, started):
         await new.worker.sweep()  # reclaimed; its signal goes to the new pod
         await new.worker.start(recover=False)
         await wait_for(lambda: _async(started == [1, 2]))
@@ -598,10 +612,6 @@ async def test_an_owner_whose_claim_was_reclaimed_never_rewrites_the_run(nats_ur
         gates[2].set()
         done = await wait_runs(new, [run_id])
         assert done[0].output == "attempt 2" and done[0].attempts == 2
-    finally:
-        for gate in gates.values():
-            gate.set()
-        await stop_all([old, new])
 
 
 async def _reconcile(pod, now: int) -> int:
@@ -718,22 +728,7 @@ async def test_a_result_that_comes_after_the_lease_ran_out_waits_for_the_next_ow
     """The lease lapsed while the handler ran and the sweep put the dispatch back in the
     queue; no one has claimed it yet when the old attempt finishes: its result must not
     land (chaos seed 704359), and the next claim runs the run."""
-    gates = {1: asyncio.Event(), 2: asyncio.Event()}
-    started: list[int] = []
-
-    async def waits_for_its_gate(run: RunContext):
-        started.append(run.attempt)
-        await gates[run.attempt].wait()
-        return f"attempt {run.attempt}"
-
-    settings = fast_settings(prefix, lease_ms=600, lease_renewal_ms=3_600_000, sweep_interval_ms=3_600_000)
-    old = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="old")
-    new = await start_pod(settings, url=nats_url, handler=waits_for_its_gate, consumer_id="new", start_worker=False)
-    try:
-        run_id = await submit(old, "t", "x")
-        await wait_for(lambda: _async(started == [1]))
-        old.worker._stopping = True  # like a paused pod: it takes no more signals
-        await asyncio.sleep(0.7)  # the lease lapses (renewals are off)
+    async with _a_lapsed_attempt(nats_url, prefix) as (old, new, run_id, gates, started):
         await new.worker.sweep()  # reclaimed: queued again, not yet claimed
         gates[1].set()  # attempt 1 finishes now
         await asyncio.sleep(0.5)
@@ -743,10 +738,6 @@ async def test_a_result_that_comes_after_the_lease_ran_out_waits_for_the_next_ow
         await new.worker.start(recover=False)
         done = await wait_runs(new, [run_id])
         assert done[0].output == "attempt 2" and started == [1, 2]
-    finally:
-        for gate in gates.values():
-            gate.set()
-        await stop_all([old, new])
 
 
 async def test_the_sweeper_leaves_a_fresh_backlog_alone(nats_url, prefix):
