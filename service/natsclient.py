@@ -50,17 +50,6 @@ class MailboxNatsClient(Client):
         self._inline: dict[int, Callable[[Msg], None]] = {}
         self._header_names: set[str] = set()
 
-    async def subscribe_inline(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
-        """Subscribe with a plain function called from the read loop for each message: for
-        handlers that only record the message or resolve a future, never block or await."""
-
-        async def queued(msg: Msg) -> None:  # what nats-py would call; the read loop calls handler first
-            handler(msg)
-
-        sub = await self.subscribe(subject, cb=queued, pending_msgs_limit=-1)
-        self._inline[sub._id] = handler
-        return sub
-
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._inline.pop(sid, None)
         super()._remove_sub(sid, max_msgs)
@@ -246,14 +235,17 @@ def _expire(future: asyncio.Future[Msg]) -> None:
 
 
 async def subscribe_inline(nc: Client, subject: str, handler: Callable[[Msg], None]) -> Subscription:
-    """`MailboxNatsClient.subscribe_inline` on our client; a plain callback on any other."""
-    if isinstance(nc, MailboxNatsClient):
-        return await nc.subscribe_inline(subject, handler)
+    """Subscribe with a plain function for each message, for handlers that only record the
+    message or resolve a future and never block: on our client it is called straight from
+    the read loop, on any other as a plain callback."""
 
-    async def cb(msg: Msg) -> None:
+    async def queued(msg: Msg) -> None:  # nats-py's path (ours takes it only before registration)
         handler(msg)
 
-    return await nc.subscribe(subject, cb=cb, pending_msgs_limit=-1)
+    sub = await nc.subscribe(subject, cb=queued, pending_msgs_limit=-1)
+    if isinstance(nc, MailboxNatsClient):
+        nc._inline[sub._id] = handler
+    return sub
 
 
 async def connect(servers: str | list[str], **options: Any) -> MailboxNatsClient:

@@ -594,8 +594,7 @@ class NatsDispatchStore(ThreadStore):
             d = await self.load_dispatch(run.dispatch_id)
             if d is not None and d.is_terminal:
                 index.dispatches[f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"] = d
-        open_runs = list(index.runs.values())
-        wanted = {r.dispatch_id for r in open_runs if r.dispatch_id}
+        open_runs = list(index.runs.values())  # unchanged since `wanted` was taken from them
         survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
         for key, d in list(index.dispatches.items()):
             if not d.is_terminal:
