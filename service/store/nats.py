@@ -41,7 +41,7 @@ from nats.js.api import StreamConfig
 
 from ..natsclient import connect as connect_client, subscribe_inline
 from ..streams import differences
-from ..model import DispatchStatus, RunDispatch, RunRecord, StoreError, StoreUnavailableError
+from ..model import DispatchStatus, RunDispatch, RunRecord, RunStatus, StoreError, StoreUnavailableError
 from . import ops
 from . import keys
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, Survey, ThreadStore, encode_record
@@ -117,6 +117,28 @@ _pub_ack = msgspec.json.Decoder(_PubAck)
 _msg_get = msgspec.json.Decoder(_MsgGetReply)
 _dispatch_decoder = msgspec.json.Decoder(RunDispatch)
 _run_decoder = msgspec.json.Decoder(RunRecord)
+
+
+class _DispatchHead(msgspec.Struct):
+    """The two fields of a stored dispatch the sweep's incremental read decides on."""
+
+    dispatch_id: str
+    status: DispatchStatus = DispatchStatus.QUEUED
+
+
+class _RunHead(msgspec.Struct):
+    """The two fields of a stored run the sweep's incremental read decides on."""
+
+    status: RunStatus = RunStatus.CREATED
+    dispatch_id: str | None = None
+
+
+_dispatch_head = msgspec.json.Decoder(_DispatchHead)
+_run_head = msgspec.json.Decoder(_RunHead)
+
+
+def _run_dispatch_id(data: bytes) -> str | None:
+    return _run_head.decode(data).dispatch_id
 
 
 class _Conflict(Exception):
@@ -558,16 +580,15 @@ class NatsDispatchStore(ThreadStore):
         async for page in self._scan_pages(f"{self._kv}r.>", after=index.run_seq):
             for e in page:
                 index.run_seq = max(index.run_seq, e.seq)
-                run = None if e.deleted else _run_decoder.decode(e.data)
-                if run is None or run.is_done:
+                if e.deleted or _run_head.decode(e.data).status == RunStatus.DONE:
                     index.runs.pop(e.subject, None)
                     continue
                 if e.subject not in index.runs:
                     new_runs.append(e.subject)
-                index.runs[e.subject] = run
+                index.runs[e.subject] = e.data
         # a terminal dispatch is kept only while an open run refers to it: the history read
         # since the last sweep is dropped page by page, never held
-        wanted = {r.dispatch_id for r in index.runs.values() if r.dispatch_id}
+        wanted = {i for i in map(_run_dispatch_id, index.runs.values()) if i}
         async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
             for e in page:
                 index.dispatch_seq = max(index.dispatch_seq, e.seq)
@@ -576,27 +597,30 @@ class NatsDispatchStore(ThreadStore):
                 if e.deleted:
                     index.dispatches.pop(e.subject, None)
                     continue
-                d = _dispatch_decoder.decode(e.data)
+                head = _dispatch_head.decode(e.data)
                 known = index.dispatches.get(e.subject)
-                if d.is_terminal and (known is None or not known.is_terminal):
-                    index.terminal[d.status] = index.terminal.get(d.status, 0) + 1
-                if d.is_terminal and d.dispatch_id not in wanted:
+                if head.status.is_terminal and (known is None or not _dispatch_head.decode(known).status.is_terminal):
+                    index.terminal[head.status] = index.terminal.get(head.status, 0) + 1
+                if head.status.is_terminal and head.dispatch_id not in wanted:
                     index.dispatches.pop(e.subject, None)
                 else:
-                    index.dispatches[e.subject] = d
+                    index.dispatches[e.subject] = e.data
         # a run that appeared after the runs were read may have a dispatch that already ended
         # (and was dropped above): fetch those few, the ones without a live dispatch
-        present = {d.dispatch_id for d in index.dispatches.values()}
+        present = {_dispatch_head.decode(data).dispatch_id for data in index.dispatches.values()}
         for subject in new_runs:
-            run = index.runs.get(subject)
-            if run is None or not run.dispatch_id or run.dispatch_id in present:
+            data = index.runs.get(subject)
+            dispatch_id = _run_dispatch_id(data) if data is not None else None
+            if not dispatch_id or dispatch_id in present:
                 continue
-            d = await self.load_dispatch(run.dispatch_id)
+            d = await self.load_dispatch(dispatch_id)
             if d is not None and d.is_terminal:
-                index.dispatches[f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"] = d
-        open_runs = list(index.runs.values())  # unchanged since `wanted` was taken from them
+                index.dispatches[f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"] = msgspec.json.encode(d)
+        # decoded for this sweep only: between sweeps the view holds the records' bytes
+        open_runs = [_run_decoder.decode(data) for data in index.runs.values()]
         survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
-        for key, d in list(index.dispatches.items()):
+        for key, data in list(index.dispatches.items()):
+            d = _dispatch_decoder.decode(data)
             if not d.is_terminal:
                 survey.add(d, now, wanted, expired_limit)
             elif d.dispatch_id in wanted:
@@ -902,15 +926,17 @@ class NatsDispatchStore(ThreadStore):
 @dataclass
 class _SweepIndex:
     """The maintenance leader's running view for `sweep_view`: the live dispatches, the
-    terminal ones that an open run still refers to, the open runs, how many dispatches ended
-    in each terminal status (as of the last full pass, plus those seen ending since), and
-    how far into the stream each key space has been read."""
+    terminal ones that an open run still refers to, the open runs (each by key, as its stored
+    bytes, because this view lives between sweeps: decoded, a run with a 20-field input
+    takes ~3x the memory; tests/test_nats_store.py),
+    how many dispatches ended in each terminal status (as of the last full pass, plus those
+    seen ending since), and how far into the stream each key space has been read."""
 
     built_at: float
     dispatch_seq: int = 0
     run_seq: int = 0
-    dispatches: dict[str, RunDispatch] = field(default_factory=dict)
-    runs: dict[str, RunRecord] = field(default_factory=dict)
+    dispatches: dict[str, bytes] = field(default_factory=dict)
+    runs: dict[str, bytes] = field(default_factory=dict)
     terminal: dict[DispatchStatus, int] = field(default_factory=dict)
 
 
