@@ -42,6 +42,21 @@ _MSG = re.compile(rb"MSG\s+([^\s]+)\s+([^\s]+)\s+(([^\s]+)[^\S\r\n]+)?(\d+)\r\n"
 _HMSG = re.compile(rb"HMSG\s+([^\s]+)\s+([^\s]+)\s+(([^\s]+)[^\S\r\n]+)?([\d]+)\s+(\d+)\r\n")
 
 
+_UNSEEN: Any = object()
+
+
+def _header_key(name: bytes) -> str | None:
+    """A received header line's name as a key, None when it is not a token (nats-py skips it)."""
+    try:
+        key = name.strip().decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    # printable without a space is the common case and needs no regex
+    if not (key.isprintable() and " " not in key) and _WHITESPACE.search(key):
+        return None
+    return key
+
+
 class MailboxNatsClient(Client):
     def __init__(self) -> None:
         super().__init__()
@@ -49,27 +64,26 @@ class MailboxNatsClient(Client):
         self._request_seq = 0
         self._inline: dict[int, Callable[[Msg], None]] = {}
         self._header_names: set[str] = set()
+        self._parsed_header_names: dict[bytes, str | None] = {}  # raw name → key, None if malformed
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._inline.pop(sid, None)
         super()._remove_sub(sid, max_msgs)
 
-    @staticmethod
-    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+    def _parse_header_lines(self, raw: bytes) -> dict[str, str]:
         out: dict[str, str] = {}
+        names = self._parsed_header_names
         for line in raw.split(_CRLF):
             name, sep, value = line.partition(b":")
             if not sep:
                 continue
-            try:
-                key = name.strip().decode("ascii")
-            except UnicodeDecodeError:
-                continue
-            # header names are tokens: skip malformed ones (printable without a space is
-            # the common case and needs no regex)
-            if not (key.isprintable() and " " not in key) and _WHITESPACE.search(key):
-                continue
-            out[key] = value.strip().decode("utf-8", "replace")
+            key = names.get(name, _UNSEEN)
+            if key is _UNSEEN:
+                key = _header_key(name)
+                if len(names) < _KNOWN_HEADER_NAMES:
+                    names[name] = key
+            if key is not None:
+                out[key] = value.strip().decode("utf-8", "replace")
         return out
 
     async def _init_request_sub(self) -> None:
