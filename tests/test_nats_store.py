@@ -16,6 +16,7 @@ from service.model import (
     AlreadyExistsError,
     DispatchStatus,
     RunDispatch,
+    RunDispatchResult,
     RunRecord,
     RunStatus,
     StoreError,
@@ -50,6 +51,24 @@ async def pods(nats_url):
     yield a, b
     await a.close()
     await b.close()
+
+
+async def test_a_pod_runs_work_another_pod_submitted_without_reading_its_ids(pods):
+    """In a deployment most runs are executed by a pod other than the one that took their
+    submit: the claim read the dispatch from its thread, so settling it and writing its run
+    need no lookup of which thread the dispatch and run ids belong to."""
+    a, b = pods
+    run = RunRecord(run_id="r1", thread_id="t1", created_at=1000, updated_at=1000)
+    await a.create_run(run, RunDispatch.queued("d1", "t1", "r1", 1000))
+    gets = b.stats.gets
+    [d] = await b.claim("t1", "pod-b", LEASE, 2000, start="attempt-1")
+    assert await b.extend_lease(d.dispatch_id, d.claim_token, LEASE, 2500)
+    await b.update_run("r1", lambda r: msgspec.structs.replace(r, status=RunStatus.RUNNING, updated_at=2500))
+    await b.complete(d.dispatch_id, d.claim_token, RunDispatchResult("r1", "attempt-1", RunStatus.DONE), 3000)
+    await b.update_run("r1", lambda r: msgspec.structs.replace(r, status=RunStatus.DONE, updated_at=3000))
+    assert b.stats.gets == gets + 1  # the run's record, once: its first write here needs its revision
+    assert (await a.load_dispatch("d1")).status == DispatchStatus.ACKED
+    assert (await a.load_run("r1")).status == RunStatus.DONE
 
 
 async def test_two_pods_racing_on_one_thread_never_both_hold_a_claim(pods):
