@@ -31,6 +31,7 @@ import nats.errors
 
 from . import __version__
 from .config import mask_url
+from .malloc import MMAP_THRESHOLD, fix_mmap_threshold
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -754,6 +755,8 @@ async def serve(args: argparse.Namespace, out: Output) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     log = logging.getLogger("mailbox.serve")
+    if fix_mmap_threshold():
+        log.info("event=malloc_tuned mmap_threshold=%d", MMAP_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
