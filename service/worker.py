@@ -84,6 +84,7 @@ class Execution:
     cancel_reason: CancelReason | None = None
     lease_until: int = 0
     renewal_now: asyncio.Event = field(default_factory=asyncio.Event)
+    renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None  # a timer until the first renewal is due
     handler_done: bool = False
     instance: str | None = None  # this attempt's start id, once started
 
@@ -347,7 +348,10 @@ class WorkerManager:
     async def _execute(self, execution: Execution) -> None:
         d = execution.dispatch
         token = d.claim_token or ""
-        renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
+        # most runs end long before their first renewal: a timer, not a task, waits for it
+        execution.renewal = asyncio.get_running_loop().call_later(
+            self.settings.lease_renewal_ms / 1000, self.renew_lease_now, execution
+        )
         live = None
         self.metrics.active_runs.inc()
         try:
@@ -421,7 +425,8 @@ class WorkerManager:
             log.exception("event=execution_failed dispatch=%s", d.dispatch_id)
         finally:
             self.metrics.active_runs.dec()
-            renewal.cancel()
+            if execution.renewal is not None:
+                execution.renewal.cancel()
             if live is not None:
                 await _unsubscribe(live)
             self._finish(execution)
@@ -598,14 +603,20 @@ class WorkerManager:
 
     # ------------------------------------------------------------------ leases and live commands
 
+    def renew_lease_now(self, execution: Execution) -> None:
+        """Renew the execution's lease now (its renewal loop starts at the first one due)."""
+        if isinstance(execution.renewal, asyncio.Task):
+            execution.renewal_now.set()
+            return
+        if execution.renewal is not None:
+            execution.renewal.cancel()
+        d = execution.dispatch
+        execution.renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
+
     async def _renew_lease(self, execution: Execution) -> None:
         d = execution.dispatch
         interval = self.settings.lease_renewal_ms / 1000
         while True:
-            try:
-                await asyncio.wait_for(execution.renewal_now.wait(), interval)
-            except TimeoutError:
-                pass
             execution.renewal_now.clear()
             suspended = execution.context is not None and execution.context.suspended
             lease_ms = self.settings.suspended_lease_ms if suspended else self.settings.lease_ms
@@ -618,13 +629,17 @@ class WorkerManager:
                 if now >= execution.lease_until:
                     self._cancel(execution, CancelReason.LEASE_LOST)
                     return
-                continue
-            self.metrics.lease_renewals.labels("ok" if ok else "lost").inc()
-            if not ok:
-                log.info("event=lease_lost dispatch=%s", d.dispatch_id)
-                self._cancel(execution, CancelReason.LEASE_LOST)
-                return
-            execution.lease_until = now + lease_ms
+            else:
+                self.metrics.lease_renewals.labels("ok" if ok else "lost").inc()
+                if not ok:
+                    log.info("event=lease_lost dispatch=%s", d.dispatch_id)
+                    self._cancel(execution, CancelReason.LEASE_LOST)
+                    return
+                execution.lease_until = now + lease_ms
+            try:
+                await asyncio.wait_for(execution.renewal_now.wait(), interval)
+            except TimeoutError:
+                pass
 
     async def _renew_lapsed(self, execution: Execution, now: int) -> bool:
         """Renew a claim whose lease ran out by our clock: True (with a fresh lease) while it
@@ -891,7 +906,7 @@ class _Hooks:
         m, d = self.manager, self.execution.dispatch
         now = m.clock()
         await m._update_run(d, lambda r: _waiting(r, ticket, prompt, now), instance=self.execution.instance)
-        self.execution.renewal_now.set()  # the suspended lease applies from now on
+        m.renew_lease_now(self.execution)  # the suspended lease applies from now on
         await m._event("suspended", d, {"ticket": ticket, "prompt": prompt})
 
     async def resumed(self, ticket: str) -> None:
@@ -902,7 +917,7 @@ class _Hooks:
             lambda r: msgspec.structs.replace(r, status=RunStatus.RUNNING, waiting=None, updated_at=now),
             instance=self.execution.instance,
         )
-        self.execution.renewal_now.set()
+        m.renew_lease_now(self.execution)
         await m._event("resumed", d, {"ticket": ticket})
 
 
