@@ -1,20 +1,22 @@
-"""The service process's malloc setting (service/malloc.py)."""
+"""The service process's allocator and collector set-up (service/tuning.py)."""
 
 from __future__ import annotations
 
+import gc
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 
-from service.malloc import fix_mmap_threshold
+from service.tuning import fix_mmap_threshold, freeze_startup_objects
 
 # In a fresh process: free a 1 MiB block (glibc then raises its threshold to 1 MiB), allocate
 # 200 KB, and print whether that block got a mapping of its own.
 PROBE = """
 import ctypes, sys
-from service.malloc import fix_mmap_threshold
+from service.tuning import fix_mmap_threshold, freeze_startup_objects
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL(None)
@@ -43,3 +45,20 @@ def test_big_blocks_keep_their_own_mappings_once_the_threshold_is_fixed() -> Non
 def test_an_operator_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert not fix_mmap_threshold()
+
+
+def test_objects_alive_at_startup_are_frozen_and_garbage_is_not() -> None:
+    class Node:
+        pass
+
+    kept, cycle = Node(), Node()
+    cycle.self = cycle  # garbage only the collector can free
+    gone = weakref.ref(cycle)
+    del cycle
+    try:
+        assert freeze_startup_objects() == gc.get_freeze_count() > 0
+        assert gone() is None
+        assert not any(o is kept for o in gc.get_objects())  # frozen: no collection walks it
+    finally:
+        gc.unfreeze()
+    assert any(o is kept for o in gc.get_objects())
