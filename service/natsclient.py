@@ -116,49 +116,20 @@ class MailboxNatsClient(Client):
             raise errors.ConnectionDrainingError
         if not self._resp_sub_prefix:
             await self._init_request_sub()
-        token, future, reply = self._new_reply()
+        self._request_seq += 1
+        token = format(self._request_seq, "x")  # unique within this connection's reply prefix
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._resp_map[token] = future
         try:
-            await self.publish(subject, payload, reply=reply, headers=headers)
-            timer = future.get_loop().call_later(timeout, _expire, future)
+            await self.publish(subject, payload, reply=self._resp_sub_prefix.decode() + token, headers=headers)
+            timer = loop.call_later(timeout, _expire, future)
             try:
                 return await future
             finally:
                 timer.cancel()
         finally:
             self._resp_map.pop(token, None)
-
-    def _new_reply(self) -> tuple[str, asyncio.Future[Msg], str]:
-        """A fresh reply token (unique within this connection's reply prefix), its future,
-        registered for the reply, and the reply subject."""
-        self._request_seq += 1
-        token = format(self._request_seq, "x")
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._resp_map[token] = future
-        return token, future, self._resp_sub_prefix.decode() + token
-
-    async def send_request(
-        self, subject: str, payload: bytes, timeout: float, headers: dict[str, Any] | None = None
-    ) -> asyncio.Future[Msg]:
-        """Publish a request and return its reply's future (a TimeoutError after `timeout`),
-        so that several requests are in flight without a task each. Await every future."""
-        if self.is_draining_pubs:
-            raise errors.ConnectionDrainingError
-        if not self._resp_sub_prefix:
-            await self._init_request_sub()
-        token, future, reply = self._new_reply()
-        try:
-            await self.publish(subject, payload, reply=reply, headers=headers)
-        except BaseException:
-            self._resp_map.pop(token, None)
-            raise
-        timer = future.get_loop().call_later(timeout, _expire, future)
-
-        def forget(_: asyncio.Future[Msg]) -> None:
-            timer.cancel()
-            self._resp_map.pop(token, None)
-
-        future.add_done_callback(forget)
-        return future
 
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None

@@ -160,27 +160,6 @@ async def test_a_request_lost_before_the_server_is_retried(nats_store):
     assert s.stats.lost_replies_recovered == 0
 
 
-async def test_a_submit_whose_id_bindings_lost_their_replies_still_lands_once(nats_store, monkeypatch):
-    """A submit sends both id bindings at once: when their replies are lost (they landed),
-    the careful path finds them bound to this thread and the run goes on, once."""
-    s = nats_store
-    send = s.nc.send_request
-
-    async def landed_but_lost(subject, payload, timeout, headers=None):
-        await (await send(subject, payload, timeout, headers))  # the server stores it...
-        lost = asyncio.get_running_loop().create_future()
-        lost.set_exception(nats.errors.TimeoutError())  # ...and the reply is lost
-        return lost
-
-    monkeypatch.setattr(s.nc, "send_request", landed_but_lost)
-    run = RunRecord(run_id="r1", thread_id="t1", created_at=1000, updated_at=1000)
-    await s.create_run(run, RunDispatch.queued("d1", "t1", "r1", 1000))
-    assert (await s.load_run("r1")) == run
-    assert [d.dispatch_id for d in await s.list_dispatches("t1", [DispatchStatus.QUEUED])] == ["d1"]
-    with pytest.raises(AlreadyExistsError):  # the ids are taken, by this thread's run
-        await s.create_run(msgspec.structs.replace(run, thread_id="t2"))
-
-
 async def test_a_lost_interrupt_batch_reply_is_detected(nats_store):
     s = nats_store
     for i in range(3):

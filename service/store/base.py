@@ -108,10 +108,6 @@ class ThreadStore(ABC):
         """Bind `id` to `thread_id` unless already bound; returns the thread it is bound to,
         and whether this call created the binding (a new id, never seen before)."""
 
-    async def _bind_all(self, binds: list[tuple[AliasKind, str, str]]) -> list[tuple[str, bool]]:
-        """`_bind` each (kind, id, thread_id); a backend may send them all at once."""
-        return [await self._bind(kind, id, thread_id) for kind, id, thread_id in binds]
-
     @abstractmethod
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
 
@@ -424,16 +420,16 @@ class ThreadStore(ABC):
             validate_for_enqueue(dispatch)
             encode_record(dispatch, self.max_record_bytes)
         # both ids are bound at once (two independent keys: no order between them matters)
-        binds: list[tuple[AliasKind, str, str]] = [("run", run.run_id, run.thread_id)]
-        if dispatch is not None:
-            binds.append(("dispatch", dispatch.dispatch_id, dispatch.thread_id))
-        bound_to = await self._bind_all(binds)
-        bound, _ = bound_to[0]
+        bind_run = self._bind("run", run.run_id, run.thread_id)
         new_dispatch_id = True
         if dispatch is not None:
-            bound_dispatch, new_dispatch_id = bound_to[1]
+            (bound_dispatch, new_dispatch_id), (bound, _) = await asyncio.gather(
+                self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id), bind_run
+            )
             if bound_dispatch != dispatch.thread_id:
                 raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
+        else:
+            bound, _ = await bind_run
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
         await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run), creating=True)

@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from ..natsclient import MailboxNatsClient, connect as connect_client, subscribe_inline
+from ..natsclient import connect as connect_client, subscribe_inline
 from ..streams import differences
 from ..model import DispatchStatus, RunDispatch, RunRecord, RunStatus, StoreError, StoreUnavailableError
 from . import ops
@@ -495,43 +495,6 @@ class NatsDispatchStore(ThreadStore):
                     return bound, False
                 expected = current.seq if current is not None else 0  # a purge marker: take its place
         raise StoreUnavailableError(f"could not bind {kind} '{id}'", id=id)
-
-    async def _bind_all(self, binds: list[tuple[AliasKind, str, str]]) -> list[tuple[str, bool]]:
-        """The creates go out together and their acks are awaited in turn (a submit binds two
-        ids: this saves it two tasks and a gather); one that did not simply land takes
-        `_bind`'s careful path (a conflict, a lost reply, an error)."""
-        if not isinstance(self.nc, MailboxNatsClient):
-            return await super()._bind_all(binds)
-        create = {"Nats-Expected-Last-Subject-Sequence": "0"}
-        futures: list[asyncio.Future[Msg]] = []
-        try:
-            for kind, id, thread_id in binds:
-                futures.append(await self.nc.send_request(
-                    self._kv + _alias_key(kind, id), thread_id.encode(), self._timeout, create
-                ))
-        except _TRANSIENT:
-            pass  # the ones not sent take the careful path
-        bound: list[tuple[str, bool]] = []
-        try:
-            for i, (kind, id, thread_id) in enumerate(binds):
-                ack = None
-                if i < len(futures):
-                    try:
-                        ack = _pub_ack.decode((await futures[i]).data)
-                    except _TRANSIENT:
-                        pass
-                if ack is not None and ack.error is None:
-                    self._high_water = max(self._high_water, ack.seq)
-                    self.stats.publishes += 1
-                    self._remember_alias(kind, id, thread_id)
-                    bound.append((thread_id, True))
-                else:
-                    bound.append(await self._bind(kind, id, thread_id))
-        finally:
-            for future in futures[len(bound):]:  # left behind by an exception: never awaited
-                if not future.cancel() and not future.cancelled():
-                    future.exception()  # retrieved, so nothing is logged about it
-        return bound
 
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None:
         cached = self._alias_cache.get((kind, id))
