@@ -28,6 +28,7 @@ FIGURES = {
     "history": ["claim_p50_ms", "submit_p50_ms"],
     "hot": ["others_start_p99_ms"],
     "soak": ["growth_pct"],
+    "two_pods": ["runs_per_s", "cpu_us_per_run", "nats_requests_per_run"],
 }
 
 

@@ -213,32 +213,43 @@ async def submit_paced(load: Load, rate: float, seconds: float, threads: int, th
 # ---------------------------------------------------------------------- scenarios
 
 
-async def throughput(url: str, n: int, threads: int) -> dict[str, Any]:
-    svc = Service(url, f"bt{random.randrange(10**6)}")
+async def throughput(url: str, n: int, threads: int, pods: int = 1) -> dict[str, Any]:
+    """The burst; with `pods` > 1, that many service processes share the prefix (the API's
+    queue group spreads the submits, and whichever pod claims a thread runs it), and the
+    cost per run sums them."""
+    prefix = f"bt{random.randrange(10**6)}"
+    services = [Service(url, prefix) for _ in range(pods)]
+
+    async def totals() -> tuple[float, float, float]:
+        ms = [await svc.metrics() for svc in services]
+        return (sum(nats_requests(m) for m in ms), sum(svc.cpu_seconds() for svc in services),
+                sum(m.get("mailbox_signal_redelivery_total", 0) for m in ms))
+
     try:
-        async with Load(url, svc.prefix) as load:
-            m0, cpu0 = await svc.metrics(), svc.cpu_seconds()
+        async with Load(url, prefix) as load:
+            requests0, cpu0, redelivered0 = await totals()
             t0 = now_ms()
             await submit_burst(load, n, threads)
             submitted_at = now_ms()
             await load.wait_all(n)
             t1 = max(load.timeline.finished_seen.values())
-            m1, cpu1 = await svc.metrics(), svc.cpu_seconds()
+            requests1, cpu1, redelivered1 = await totals()
             to_start = load.timeline.to_start()
             return {
                 "runs": n,
                 "threads": threads,
+                "pods": pods,
                 "runs_per_s": n / ((t1 - t0) / 1000),
                 "submits_per_s": n / ((submitted_at - t0) / 1000),
                 "start_p50_ms": pct(to_start, 0.5),
                 "start_p99_ms": pct(to_start, 0.99),
-                "nats_requests_per_run": (nats_requests(m1) - nats_requests(m0)) / n,
+                "nats_requests_per_run": (requests1 - requests0) / n,
                 "cpu_us_per_run": (cpu1 - cpu0) * 1e6 / n,
-                "redeliveries_per_run": (m1.get("mailbox_signal_redelivery_total", 0)
-                                         - m0.get("mailbox_signal_redelivery_total", 0)) / n,
+                "redeliveries_per_run": (redelivered1 - redelivered0) / n,
             }
     finally:
-        svc.stop()
+        for svc in services:
+            svc.stop()
 
 
 async def at_rate(url: str, rate: float, seconds: float, threads: int) -> dict[str, Any]:
@@ -406,6 +417,8 @@ async def main(quick: bool) -> dict[str, Any]:
         results["hot"] = await hot_pair(url, per_other=1 if quick else 3)
         print("soak ...", flush=True)
         results["soak"] = await soak(url, int(100_000 * scale), 1000)
+        print("two pods ...", flush=True)
+        results["two_pods"] = await throughput(url, int(20_000 * scale), 1000, pods=2)
     finally:
         server.cleanup()
     return results
@@ -420,6 +433,7 @@ async def only(name: str, quick: bool) -> dict[str, Any]:
         "history": lambda url: history(url, 10_000 if quick else 100_000, 100 if quick else 300),
         "hot": lambda url: hot_pair(url, per_other=1 if quick else 3),
         "soak": lambda url: soak(url, int(100_000 * scale), 1000),
+        "two_pods": lambda url: throughput(url, int(20_000 * scale), 1000, pods=2),
     }
     server = NatsServer().start()
     try:
@@ -452,6 +466,9 @@ def report(r: dict[str, Any]) -> str:
         ("soak: RSS growth 10%→100%", f"{soak_r['rss_10pct_mb']:.0f} → {soak_r['rss_100pct_mb']:.0f} MB ({soak_r['growth_pct']:+.1f}%, {soak_r['runs']:,} runs)", "< 10%", verdict(soak_r["growth_pct"] < 10)),
         ("cost per run", f"{t['nats_requests_per_run']:.1f} NATS requests, {t['cpu_us_per_run']:.0f} µs service CPU", "", ""),
     ]
+    if "two_pods" in r:  # two service processes on the same 2 cores: the cost per run, summed
+        two = r["two_pods"]
+        rows.append(("two pods, same burst", f"{two['runs_per_s']:.0f} runs/s, {two['nats_requests_per_run']:.1f} NATS requests and {two['cpu_us_per_run']:.0f} µs CPU per run (both pods)", "", ""))
     width = max(len(a) for a, *_ in rows)
     lines = [f"{a:<{width}}  {b}  [{c}{' ' if c else ''}{d}]" if c else f"{a:<{width}}  {b}" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -517,7 +534,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10%% sizes (a smoke run)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
-    parser.add_argument("--only", choices=["throughput", "idle", "history", "hot", "soak"],
+    parser.add_argument("--only", choices=["throughput", "idle", "history", "hot", "soak", "two_pods"],
                         help="run one scenario and print its raw result (no table, no docs)")
     args = parser.parse_args()
     if args.only:
