@@ -111,6 +111,9 @@ class ThreadStore(ABC):
     @abstractmethod
     async def _thread_of(self, kind: AliasKind, id: str) -> str | None: ...
 
+    def _remember_alias(self, kind: AliasKind, id: str, thread_id: str) -> None:
+        """`id` is known to belong to `thread_id` (a backend that caches `_thread_of` keeps it)."""
+
     @abstractmethod
     def _iter_dispatches(self, written_before: int | None = None) -> AsyncIterator[RunDispatch]:
         """Every dispatch of every thread, streamed page by page (never the whole bucket in
@@ -183,11 +186,18 @@ class ThreadStore(ABC):
         validate_id(consumer_id, "consumer_id")
         _check_non_negative(lease_ms=lease_ms, now=now, limit=limit)
         token = self.new_token()
-        return await self._thread_op(
+        claimed = await self._thread_op(
             thread_id,
             lambda s: ops.claim(s, consumer_id, token, lease_ms, now, limit, start),
             trust_own_commit=after_own_commit,
         )
+        # read from their thread (and a run is bound to its thread before its dispatch is
+        # written): the claimer's lease, settle and run writes need not look either id up,
+        # though most runs are claimed by a pod other than the one that took their submit
+        for d in claimed:
+            self._remember_alias("dispatch", d.dispatch_id, thread_id)
+            self._remember_alias("run", d.run_id, thread_id)
+        return claimed
 
     async def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int) -> RunDispatch | None:
         """Claim one known Queued dispatch, ignoring `available_at`."""

@@ -514,28 +514,6 @@ class NatsDispatchStore(ThreadStore):
         if len(self._alias_cache) > ALIAS_CACHE:
             self._alias_cache.popitem(last=False)
 
-    async def claim(
-        self,
-        thread_id: str,
-        consumer_id: str,
-        lease_ms: int,
-        now: int,
-        limit: int = 1,
-        *,
-        start: str | None = None,
-        after_own_commit: bool = False,
-    ) -> list[RunDispatch]:
-        claimed = await super().claim(
-            thread_id, consumer_id, lease_ms, now, limit, start=start, after_own_commit=after_own_commit
-        )
-        # the claim read these from their thread (and a run is bound to its thread before its
-        # dispatch is written): the claimer's lease, settle and run writes look up neither id,
-        # though most runs are claimed by a pod other than the one that took their submit
-        for d in claimed:
-            self._remember_alias("dispatch", d.dispatch_id, thread_id)
-            self._remember_alias("run", d.run_id, thread_id)
-        return claimed
-
     async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
         """A leader key with a server-side TTL: it vanishes when its holder stops renewing."""
         key = f"lead.{keys.H(name)}"
