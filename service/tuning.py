@@ -2,12 +2,13 @@
 library and the tests leave both alone).
 
 glibc's malloc is told to keep big blocks out of its heap. It raises its mmap threshold each
-time a big block is freed (up to 32 MiB on 64-bit), so later big blocks (socket reads, dict tables, a sweep's pages) come from the main heap, which
-then fragments: over a 100,000-run soak the service's resident memory kept rising by ~10%
-after warm-up while its live objects stayed flat. A fixed threshold keeps such blocks in
-mappings of their own, unmapped when freed: the soak's growth halved, throughput unchanged
-(docs/performance.md). Nothing to do off glibc, or when the operator set the threshold
-through glibc's own `MALLOC_MMAP_THRESHOLD_`.
+time a big block is freed (up to 32 MiB on 64-bit), so later big blocks (socket reads, dict
+tables, a sweep's pages) come from the main heap, which then fragments: over a 100,000-run
+soak the service's resident memory kept rising by ~10% after warm-up while its live objects
+stayed flat. A fixed threshold keeps such blocks in mappings of their own, unmapped when
+freed: the soak's growth halved, throughput unchanged (docs/performance.md). Nothing to do
+off glibc, or when the operator set the threshold through glibc's own
+`MALLOC_MMAP_THRESHOLD_`.
 """
 
 from __future__ import annotations

@@ -926,11 +926,11 @@ class NatsDispatchStore(ThreadStore):
 @dataclass
 class _SweepIndex:
     """The maintenance leader's running view for `sweep_view`: the live dispatches, the
-    terminal ones that an open run still refers to, the open runs (each by key, as its stored
-    bytes, because this view lives between sweeps: decoded, a run with a 20-field input
-    takes ~3x the memory; tests/test_nats_store.py),
-    how many dispatches ended in each terminal status (as of the last full pass, plus those
-    seen ending since), and how far into the stream each key space has been read."""
+    terminal ones that an open run still refers to and the open runs (by key, each as its
+    stored bytes: the view lives between sweeps, and decoded, a run with a 20-field input
+    takes ~3x the memory; tests/test_nats_store.py), how many dispatches ended in each
+    terminal status (as of the last full pass, plus those seen ending since), and how far
+    into the stream each key space has been read."""
 
     built_at: float
     dispatch_seq: int = 0
