@@ -56,7 +56,7 @@ def test_objects_alive_at_startup_are_frozen_and_garbage_is_not() -> None:
     gone = weakref.ref(cycle)
     del cycle
     try:
-        assert freeze_startup_objects() == gc.get_freeze_count() > 0
+        assert freeze_startup_objects() > 0
         assert gone() is None
         assert not any(o is kept for o in gc.get_objects())  # frozen: no collection walks it
     finally:
