@@ -137,10 +137,6 @@ _dispatch_head = msgspec.json.Decoder(_DispatchHead)
 _run_head = msgspec.json.Decoder(_RunHead)
 
 
-def _run_dispatch_id(data: bytes) -> str | None:
-    return _run_head.decode(data).dispatch_id
-
-
 class _Conflict(Exception):
     """The guarded write was rejected: the subtree (or key) moved on (to `current`, when the
     server said: a re-read must see at least that much)."""
@@ -588,7 +584,7 @@ class NatsDispatchStore(ThreadStore):
                 index.runs[e.subject] = e.data
         # a terminal dispatch is kept only while an open run refers to it: the history read
         # since the last sweep is dropped page by page, never held
-        wanted = {i for i in map(_run_dispatch_id, index.runs.values()) if i}
+        wanted = {h.dispatch_id for h in map(_run_head.decode, index.runs.values()) if h.dispatch_id}
         async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
             for e in page:
                 index.dispatch_seq = max(index.dispatch_seq, e.seq)
@@ -605,22 +601,24 @@ class NatsDispatchStore(ThreadStore):
                     index.dispatches.pop(e.subject, None)
                 else:
                     index.dispatches[e.subject] = e.data
+        # decoded for this sweep only: between sweeps the view holds the records' bytes
+        runs = {subject: _run_decoder.decode(data) for subject, data in index.runs.items()}
+        dispatches = {key: _dispatch_decoder.decode(data) for key, data in index.dispatches.items()}
         # a run that appeared after the runs were read may have a dispatch that already ended
         # (and was dropped above): fetch those few, the ones without a live dispatch
-        present = {_dispatch_head.decode(data).dispatch_id for data in index.dispatches.values()}
+        present = {d.dispatch_id for d in dispatches.values()}
         for subject in new_runs:
-            data = index.runs.get(subject)
-            dispatch_id = _run_dispatch_id(data) if data is not None else None
+            dispatch_id = runs[subject].dispatch_id if subject in runs else None
             if not dispatch_id or dispatch_id in present:
                 continue
             d = await self.load_dispatch(dispatch_id)
             if d is not None and d.is_terminal:
-                index.dispatches[f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"] = msgspec.json.encode(d)
-        # decoded for this sweep only: between sweeps the view holds the records' bytes
-        open_runs = [_run_decoder.decode(data) for data in index.runs.values()]
+                key = f"{self._kv}{keys.dispatch_key(d.thread_id, d.dispatch_id)}"
+                dispatches[key] = d
+                index.dispatches[key] = msgspec.json.encode(d)
+        open_runs = list(runs.values())
         survey = Survey(counts={s: index.terminal.get(s, 0) for s in DispatchStatus})
-        for key, data in list(index.dispatches.items()):
-            d = _dispatch_decoder.decode(data)
+        for key, d in dispatches.items():
             if not d.is_terminal:
                 survey.add(d, now, wanted, expired_limit)
             elif d.dispatch_id in wanted:
