@@ -11,7 +11,9 @@ checked against nats-py's own code by tests/test_natsclient.py):
   store's batch reads, event acks) are handled straight from the read loop instead
   (`subscribe_inline`);
 - publish: headers are encoded in one join once their names are known to be valid tokens
-  (nats-py checks every name with a regex on every publish);
+  (nats-py checks every name with a regex on every publish), and a publish is queued for
+  the flusher by one plain function instead of four nested coroutines (`publish`,
+  `_send_publish`, `_send_command`, `_flush_pending`, which also makes a future per call);
 - the protocol parser: nats-py deletes each message from the front of its read buffer
   (a copy of the rest of the buffer per message, so a 64 KB read of small messages costs
   quadratic time); this one walks the buffer with an offset and compacts it once per read.
@@ -28,9 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 from nats import errors
-from nats.aio.client import _HEADER_KEY_RE, Client
+from nats.aio.client import _HEADER_KEY_RE, NO_RESPONDERS_STATUS, Client, _validate_subject
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 from nats.protocol import parser as nats_parser
 
 _CRLF = b"\r\n"
@@ -65,6 +68,7 @@ class MailboxNatsClient(Client):
         self._inline: dict[int, Callable[[Msg], None]] = {}
         self._header_names: set[str] = set()
         self._parsed_header_names: dict[bytes, str | None] = {}  # raw name → key, None if malformed
+        self._error_tasks: set[asyncio.Task[None]] = set()
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._inline.pop(sid, None)
@@ -96,18 +100,45 @@ class MailboxNatsClient(Client):
             future.set_result(msg)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if not self._deliver_inline(sid, subject, reply, data, headers):
+            await super()._process_msg(sid, subject, reply, data, headers)
+
+    def _deliver_inline(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """Hand a message to its inline handler, if its subscription has one (False if not)."""
         handler = self._inline.get(sid)
         sub = self._subs.get(sid)
         if handler is None or sub is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
+            return False
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         sub._received += 1
         try:
-            handler(self._build_message(sid, subject, reply, data, await self._process_headers(headers)))
+            handler(self._build_message(sid, subject, reply, data, _result_of(self._process_headers(headers))))
         except Exception as exc:  # as nats-py does for a failing callback
-            await self._error_cb(exc)
+            self._error_cb_soon(exc)
+        return True
+
+    def _error_cb_soon(self, exc: Exception) -> None:
+        task = asyncio.get_running_loop().create_task(self._error_cb(exc))
+        self._error_tasks.add(task)
+        task.add_done_callback(self._error_tasks.discard)
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 0.5,
+        old_style: bool = False,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        if old_style:
+            return await super().request(subject, payload, timeout, old_style, headers)
+        if not self._skip_subject_validation:
+            _validate_subject(subject)
+        msg = await self._request_new_style(subject, payload, timeout, headers)
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            raise errors.NoRespondersError
+        return msg
 
     async def _request_new_style(
         self, subject: str, payload: bytes, timeout: float = 1, headers: dict[str, Any] | None = None
@@ -122,7 +153,9 @@ class MailboxNatsClient(Client):
         future: asyncio.Future[Msg] = loop.create_future()
         self._resp_map[token] = future
         try:
-            await self.publish(subject, payload, reply=self._resp_sub_prefix.decode() + token, headers=headers)
+            reply = self._resp_sub_prefix.decode() + token
+            if not self._queue_publish(subject, payload, reply, headers):
+                await super().publish(subject, payload, reply=reply, headers=headers)
             timer = loop.call_later(timeout, _expire, future)
             try:
                 return await future
@@ -131,19 +164,64 @@ class MailboxNatsClient(Client):
         finally:
             self._resp_map.pop(token, None)
 
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: dict[str, Any] | None = None
+    ) -> None:
+        if not self._queue_publish(subject, payload, reply, headers):
+            await super().publish(subject, payload, reply, headers)
+
+    def _queue_publish(self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None) -> bool:
+        """nats-py's publish as one plain call: check, encode, queue, wake the flusher. False,
+        with nothing queued, where nats-py's own path has to run: while not connected (it
+        buffers or refuses), with headers it treats specially, or when the pending buffer would
+        pass its limit (it flushes and waits)."""
+        if not self._skip_subject_validation:
+            _validate_subject(subject)
+            if reply:
+                _validate_subject(reply)
+        if self.is_closed:
+            raise errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise errors.ConnectionDrainingError
+        flush_queue = self._flush_queue
+        if not self.is_connected or flush_queue is None or self._flusher_task is None or self._flusher_task.done():
+            return False
+        payload_size = len(payload)
+        if payload_size > self._max_payload:
+            raise errors.MaxPayloadError
+        cmd = self._publish_command(subject, reply, payload, payload_size, headers)
+        if cmd is None or 0 < self._max_pending_size < self._pending_data_size + len(cmd):
+            return False
+        if not subject:
+            raise errors.BadSubjectError
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        if flush_queue.empty():
+            flush_queue.put_nowait(_NOTHING_TO_RESOLVE)
+        return True
+
+    def _publish_command(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> bytes | None:
+        """The PUB or HPUB bytes, or None when the headers need nats-py's handling."""
+        if headers is None:
+            return f"PUB {subject} {reply} {payload_size}\r\n".encode() + payload + _CRLF
+        hdr = self._encode_headers(headers)
+        if hdr is None:
+            return None
+        return f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + payload_size}\r\n".encode() + hdr + payload + _CRLF
+
     async def _send_publish(
         self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
     ) -> None:
-        hdr = self._encode_headers(headers) if headers else None
-        if hdr is None and headers is not None:  # unusual names or values: nats-py's own path
+        cmd = self._publish_command(subject, reply, payload, payload_size, headers)
+        if cmd is None:  # unusual names or values: nats-py's own path
             await super()._send_publish(subject, reply, payload, payload_size, headers)
             return
         if not subject:
             raise errors.BadSubjectError
-        if hdr is None:
-            cmd = f"PUB {subject} {reply} {payload_size}\r\n".encode() + payload + _CRLF
-        else:
-            cmd = f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + payload_size}\r\n".encode() + hdr + payload + _CRLF
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
         await self._send_command(cmd)
@@ -189,7 +267,8 @@ class OffsetParser(nats_parser.Parser):
                         payload = bytes(buf[pos:end])
                     pos = end + 2
                     self.state = nats_parser.AWAITING_CONTROL_LINE
-                    await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, hdr)
+                    if not self.nc._deliver_inline(arg["sid"], arg["subject"], arg["reply"], payload, hdr):
+                        await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, hdr)
                     if self.buf is not buf:  # reset (reconnect) while the message was handled
                         return
                     continue
@@ -243,6 +322,28 @@ class OffsetParser(nats_parser.Parser):
         return True
 
 
+def _result_of(coro: Any) -> Any:
+    """Run a coroutine that never suspends (nats-py's `_process_headers` is async but awaits
+    nothing) to its result, without a task or an await."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("expected a coroutine that does not suspend")
+
+
+class _NothingToResolve:
+    """What a plain publish puts in nats-py's flush queue: the flusher resolves each item
+    unless it is done, and nobody waits on a plain publish's flush."""
+
+    def done(self) -> bool:
+        return True
+
+
+_NOTHING_TO_RESOLVE: Any = _NothingToResolve()
+
+
 def _expire(future: asyncio.Future[Msg]) -> None:
     if not future.done():
         future.set_exception(errors.TimeoutError())
@@ -251,15 +352,24 @@ def _expire(future: asyncio.Future[Msg]) -> None:
 async def subscribe_inline(nc: Client, subject: str, handler: Callable[[Msg], None]) -> Subscription:
     """Subscribe with a plain function for each message, for handlers that only record the
     message or resolve a future and never block: on our client it is called straight from
-    the read loop, on any other as a plain callback."""
+    the read loop (no task, no queue), on any other as a plain callback."""
+    if isinstance(nc, MailboxNatsClient):
+        # registered under the id nats-py is about to give the subscription, before its SUB
+        # can reach the server; subscribing without a callback starts no task
+        sid = nc._sid + 1
+        nc._inline[sid] = handler
+        try:
+            sub = await nc.subscribe(subject, pending_msgs_limit=-1)
+        except BaseException:
+            nc._inline.pop(sid, None)
+            raise
+        assert sub._id == sid, "nats-py numbers subscriptions in order"
+        return sub
 
-    async def queued(msg: Msg) -> None:  # nats-py's path (ours takes it only before registration)
+    async def queued(msg: Msg) -> None:
         handler(msg)
 
-    sub = await nc.subscribe(subject, cb=queued, pending_msgs_limit=-1)
-    if isinstance(nc, MailboxNatsClient):
-        nc._inline[sub._id] = handler
-    return sub
+    return await nc.subscribe(subject, cb=queued, pending_msgs_limit=-1)
 
 
 async def connect(servers: str | list[str], **options: Any) -> MailboxNatsClient:

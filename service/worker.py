@@ -27,6 +27,7 @@ from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
 from .live import LiveCommand, LiveReply, decode_command, encode_reply
 from .metrics import Metrics
+from .natsclient import subscribe_inline
 from .tracing import PassThroughTracer, carrier_from, context_from
 from .model import (
     RUN_SUPERSEDED,
@@ -668,12 +669,13 @@ class WorkerManager:
         prefix = getattr(self.store, "prefix", self.settings.prefix)
         subject = keys.live_thread_subject(prefix, execution.dispatch.thread_id)
 
-        async def on_command(msg: Any) -> None:
+        def on_command(msg: Any) -> None:
             reply = self.deliver_live(execution, decode_command(msg.data))
             if msg.reply:
-                await self.nc.publish(msg.reply, encode_reply(reply))
+                self._spawn(self.nc.publish(msg.reply, encode_reply(reply)))
 
-        return await self.nc.subscribe(subject, cb=on_command)
+        # inline: every run opens one, and most never get a command
+        return await subscribe_inline(self.nc, subject, on_command)
 
     def deliver_live(self, execution: Execution, command: LiveCommand | None) -> LiveReply:
         """Hand a live command to a run executing here."""
