@@ -364,6 +364,7 @@ async def subscribe_inline(nc: Client, subject: str, handler: Callable[[Msg], No
             nc._inline.pop(sid, None)
             raise
         assert sub._id == sid, "nats-py numbers subscriptions in order"
+        sub._message_iterator = None  # unused here, and it and the subscription refer to each other
         return sub
 
     async def queued(msg: Msg) -> None:

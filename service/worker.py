@@ -225,6 +225,9 @@ class WorkerManager:
         task.add_done_callback(self._tasks.discard)
 
     def _finish(self, execution: Execution) -> None:
+        # execution → context → hooks → execution is a cycle: broken here, the run's objects
+        # are freed by reference counting instead of waiting for the cyclic collector
+        execution.context = None
         thread_id = execution.dispatch.thread_id
         if self._busy.get(thread_id) is execution:
             del self._busy[thread_id]

@@ -6,6 +6,8 @@ re-attaching after a disconnect (also through another pod, also across a server 
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -572,3 +574,26 @@ async def test_wait_times_out(nats_url, script):
         assert (await client.wait(run.run_id, timeout=10)).status == RunStatus.DONE
         with pytest.raises(NotFound):
             await client.wait("no-such-run", timeout=5)
+
+
+async def test_a_finished_run_leaves_nothing_for_the_cyclic_collector(nats_url, script):
+    """A run's execution, handler context and live-command subscription are freed as soon as
+    it ends (reference counting), not left in cycles: when every run left one behind, the
+    cyclic collector took a fifth of a busy pod's CPU and paused it for up to 90 ms."""
+    async with mailbox(nats_url, script) as (_, client):
+        await client.wait((await client.submit("warm-up", 0)).run_id, timeout=10)
+        gc.collect()
+        gc.disable()
+        try:
+            replies = [await client.submit(f"t{i % 4}", i) for i in range(40)]
+            for reply in replies:
+                assert (await client.wait(reply.run_id, timeout=10)).status == RunStatus.DONE
+            await asyncio.sleep(0.2)  # the last settles and chained claims finish
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            left = Counter(type(o).__name__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert not {name: left[name] for name in ("Execution", "RunContext", "_Hooks", "Subscription") if left[name]}
