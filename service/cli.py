@@ -31,7 +31,7 @@ import nats.errors
 
 from . import __version__
 from .config import mask_url
-from .tuning import MMAP_THRESHOLD, fix_mmap_threshold, freeze_startup_objects
+from .tuning import MMAP_THRESHOLD, YOUNG_THRESHOLD, fix_mmap_threshold, freeze_startup_objects, raise_young_threshold
 
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
@@ -808,6 +808,7 @@ async def serve(args: argparse.Namespace, out: Output) -> int:
         if pod is None:
             return EXIT_OK  # stopped while connecting
         log.info("event=startup_objects_frozen count=%d", freeze_startup_objects())
+        log.info("event=gc_tuned young_threshold=%d was=%d", YOUNG_THRESHOLD, raise_young_threshold())
         metrics_url = f"http://127.0.0.1:{pod.http[0].port}/metrics"
         health_url = f"http://127.0.0.1:{pod.http[1].port}"
         where = f"mailbox {__version__} serving the API on {mask_url(url)} with prefix '{settings.prefix}' (subjects {settings.prefix}.api.*)"

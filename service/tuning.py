@@ -1,5 +1,6 @@
 """How the `mailbox serve` process sets up its allocator and its garbage collector (the
-library and the tests leave both alone).
+library and the tests leave both alone): a fixed mmap threshold, the start-up objects frozen,
+and a larger young generation.
 
 glibc's malloc is told to keep big blocks out of its heap. It raises its mmap threshold each
 time a big block is freed (up to 32 MiB on 64-bit), so later big blocks (socket reads, dict
@@ -43,3 +44,20 @@ def freeze_startup_objects() -> int:
     gc.collect()  # what start-up left behind is freed, not frozen
     gc.freeze()
     return gc.get_freeze_count()
+
+
+YOUNG_THRESHOLD = 20_000
+
+
+def raise_young_threshold(threshold: int = YOUNG_THRESHOLD) -> int:
+    """Let the collector's youngest generation grow to `threshold` objects before a
+    collection (Python's default is 2,000); returns the threshold it had.
+
+    A busy pod holds ~100 tracked objects per run in flight (futures, messages, frames): at
+    256 runs in flight, every young collection found thousands of them alive, walked them and
+    promoted them, to walk them again in the older generations. With runs that leave no
+    cycles behind, nearly all of them die by reference counting before a collection at this
+    threshold sees them (docs/performance.md)."""
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(threshold, middle, old)
+    return young

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 
-from service.tuning import fix_mmap_threshold, freeze_startup_objects
+from service.tuning import fix_mmap_threshold, freeze_startup_objects, raise_young_threshold
 
 # In a fresh process: free a 1 MiB block (glibc then raises its threshold to 1 MiB), allocate
 # 200 KB, and print whether that block got a mapping of its own.
@@ -62,3 +62,12 @@ def test_objects_alive_at_startup_are_frozen_and_garbage_is_not() -> None:
     finally:
         gc.unfreeze()
     assert any(o is kept for o in gc.get_objects())
+
+
+def test_the_young_generation_waits_for_more_objects_and_the_older_ones_keep_theirs() -> None:
+    before = gc.get_threshold()
+    try:
+        assert raise_young_threshold(12_345) == before[0]
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
