@@ -248,3 +248,29 @@ async def test_inline_subscriptions_see_every_message_in_order(nats_url: str, cl
             assert not nc._inline.get(sub._id)
     finally:
         await nc.close()
+
+
+async def test_requests_time_out_each_at_its_own_deadline(nats_url: str) -> None:
+    """One timer serves all requests in flight: a shorter timeout that comes later still
+    fires first, and answered requests leave nothing behind."""
+    nc = await connect(nats_url)
+    try:
+        async def ignore(msg: Any) -> None:
+            pass
+
+        await nc.subscribe("silent", cb=ignore)  # interest (no "no responders"), never a reply
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        failed_at: dict[float, float] = {}
+
+        async def ask(timeout: float) -> None:
+            with pytest.raises(errors.TimeoutError):
+                await nc.request("silent", b"", timeout=timeout)
+            failed_at[timeout] = loop.time() - start
+
+        await asyncio.gather(ask(0.6), ask(0.2), ask(0.4))
+        assert sorted(failed_at, key=failed_at.__getitem__) == [0.2, 0.4, 0.6]
+        assert all(t <= failed_at[t] < t + 0.15 for t in failed_at)
+        assert not nc._deadlines and not nc._resp_map
+    finally:
+        await nc.close()
