@@ -279,7 +279,7 @@ class RunDispatch(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
                 f"dispatch '{self.dispatch_id}' must be Queued or Claimed before epoch supersede",
                 id=self.dispatch_id,
             )
-        return msgspec.structs.replace(self, dispatch_epoch=epoch)._superseded(now, reason)
+        return self._superseded(now, reason, dispatch_epoch=epoch)
 
     def mark_dead_letter(self, now: int, error: str) -> RunDispatch:
         _require(self, DispatchStatus.CLAIMED, "dead letter")
@@ -327,9 +327,9 @@ class RunDispatch(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             )
         return _checked(self, status=DispatchStatus.QUEUED, completed_at=None, **common)
 
-    def _superseded(self, now: int, reason: str | None) -> RunDispatch:
+    def _superseded(self, now: int, reason: str | None, **more: Any) -> RunDispatch:
         changes: dict[str, Any] = dict(
-            status=DispatchStatus.SUPERSEDED, completed_at=now, updated_at=now, **_CLEAR_CLAIM, **_CLEAR_PROJECTION
+            status=DispatchStatus.SUPERSEDED, completed_at=now, updated_at=now, **_CLEAR_CLAIM, **_CLEAR_PROJECTION, **more
         )
         if reason is not None:
             changes["last_error"] = reason
@@ -355,8 +355,14 @@ def _require(d: RunDispatch, status: DispatchStatus, transition: str) -> None:
 
 
 def _checked(d: RunDispatch, **changes: Any) -> RunDispatch:
+    """`d` with `changes`, validated where a transition can break it: the fields it changes
+    and the status's invariants (ids and limits never change after the enqueue checked them)."""
     new = msgspec.structs.replace(d, **changes)
-    validate_for_persist(new)
+    for field in _COUNTS.intersection(changes):
+        _non_negative(new, field)
+    if "attempt_count" in changes:
+        _attempts_within_limit(new)
+    _validate_lifecycle(new)
     return new
 
 
@@ -397,20 +403,30 @@ def validate_identity_and_retry(d: RunDispatch) -> None:
         validate_id(getattr(d, field), field)
     if not 0 <= d.priority <= 255:
         raise ValidationError("priority must be within 0..255", field="priority", id=d.dispatch_id)
-    for field in ("dispatch_epoch", "available_at", "attempt_count", "created_at", "updated_at", "lease_until"):
+    for field in _COUNTS:
         _non_negative(d, field)
     if d.max_attempts <= 0:
         raise ValidationError("max_attempts must be greater than 0", field="max_attempts", id=d.dispatch_id)
-    if d.attempt_count > d.max_attempts:
-        raise ValidationError(
-            "attempt_count must not exceed max_attempts", field="attempt_count", id=d.dispatch_id
-        )
+    _attempts_within_limit(d)
     if d.dedupe_key is not None:
         validate_id(d.dedupe_key, "dedupe_key")
 
 
+_COUNTS = frozenset(("dispatch_epoch", "available_at", "attempt_count", "created_at", "updated_at", "lease_until"))
+
+
+def _attempts_within_limit(d: RunDispatch) -> None:
+    if d.attempt_count > d.max_attempts:
+        raise ValidationError("attempt_count must not exceed max_attempts", field="attempt_count", id=d.dispatch_id)
+
+
 def validate_for_persist(d: RunDispatch) -> None:
     validate_identity_and_retry(d)
+    _validate_lifecycle(d)
+
+
+def _validate_lifecycle(d: RunDispatch) -> None:
+    """The status's invariants: claim fields exactly while claimed, completion once terminal."""
     claim_fields = (d.claim_token, d.claimed_by, d.lease_until)
     if d.status == DispatchStatus.QUEUED:
         if any(f is not None for f in claim_fields):
@@ -435,8 +451,8 @@ def validate_for_persist(d: RunDispatch) -> None:
 
 
 def validate_for_enqueue(d: RunDispatch) -> None:
-    validate_identity_and_retry(d)
     if d.status != DispatchStatus.QUEUED:
+        validate_identity_and_retry(d)
         raise ValidationError(f"dispatch '{d.dispatch_id}' must start as Queued", field="status", id=d.dispatch_id)
     validate_for_persist(d)
 

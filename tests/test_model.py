@@ -773,6 +773,19 @@ def test_transitions_revalidate_their_result() -> None:
         queued().claim(CONSUMER, TOKEN, None, NOW)  # type: ignore[arg-type]
 
 
+def test_transitions_check_the_numbers_they_change() -> None:
+    # a transition re-checks what it changed and the status's shape, not the ids (which
+    # never change after the enqueue checked them)
+    with pytest.raises(ValidationError, match="lease_until must not be negative"):
+        claimed().extend_lease(-1, NOW)
+    with pytest.raises(ValidationError, match="available_at must not be negative"):
+        claimed().mark_nack_result(NOW, -5, "boom")
+    with pytest.raises(ValidationError, match="dispatch_epoch must not be negative"):
+        queued().mark_superseded_at_epoch(NOW, -1)
+    with pytest.raises(ValidationError, match="updated_at must not be negative"):
+        claimed().mark_acked(-1)
+
+
 # --------------------------------------------------------------------------- JSON
 
 
