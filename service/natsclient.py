@@ -158,7 +158,7 @@ class MailboxNatsClient(Client):
         self._resp_map[token] = future
         try:
             reply = self._resp_sub_prefix.decode() + token
-            if not self._queue_publish(subject, payload, reply, headers):
+            if not self._queue_publish(subject, payload, reply, headers, reply_checked=True):
                 await super().publish(subject, payload, reply=reply, headers=headers)
             self._expire_at(token, loop.time() + timeout, loop)
             return await future
@@ -197,14 +197,16 @@ class MailboxNatsClient(Client):
         if not self._queue_publish(subject, payload, reply, headers):
             await super().publish(subject, payload, reply, headers)
 
-    def _queue_publish(self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None) -> bool:
+    def _queue_publish(
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None, reply_checked: bool = False
+    ) -> bool:
         """nats-py's publish as one plain call: check, encode, queue, wake the flusher. False,
         with nothing queued, where nats-py's own path has to run: while not connected (it
         buffers or refuses), with headers it treats specially, or when the pending buffer would
-        pass its limit (it flushes and waits)."""
+        pass its limit (it flushes and waits). `reply_checked`: the reply is our own inbox."""
         if not self._skip_subject_validation:
             _validate_subject(subject)
-            if reply:
+            if reply and not reply_checked:
                 _validate_subject(reply)
         if self.is_closed:
             raise errors.ConnectionClosedError
@@ -259,6 +261,7 @@ class MailboxNatsClient(Client):
         """nats-py's header block, or None when a name is new and invalid, or a value is not
         a plain string (left to nats-py, which skips, rejects or rewrites them)."""
         names = self._header_names
+        lines = ["NATS/1.0\r\n"]
         for k, v in headers.items():
             if k not in names:
                 if k != k.strip() or not _HEADER_KEY_RE.fullmatch(k):
@@ -267,7 +270,9 @@ class MailboxNatsClient(Client):
                     names.add(k)
             if type(v) is not str or "\r" in v or "\n" in v:
                 return None
-        return ("NATS/1.0\r\n" + "".join([f"{k}: {v.strip()}\r\n" for k, v in headers.items()]) + "\r\n").encode()
+            lines.append(f"{k}: {v.strip()}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode()
 
 
 class OffsetParser(nats_parser.Parser):

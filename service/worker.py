@@ -85,7 +85,8 @@ class Execution:
     cancel_reason: CancelReason | None = None
     lease_until: int = 0
     renewal_now: asyncio.Event = field(default_factory=asyncio.Event)
-    renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None  # a timer until the first renewal is due
+    renewal_due: float = 0.0  # loop time of the first renewal
+    renewal: asyncio.Task[None] | None = None  # the renewal loop, from the first renewal on
     handler_done: bool = False
     instance: str | None = None  # this attempt's start id, once started
 
@@ -124,6 +125,7 @@ class WorkerManager:
         self._promised: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._renewal_timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self.signal_loop_running = False
         self.signal_stats = {"pulled": 0, "ack": 0, "nak": 0, "nak_delayed": 0, "redelivered": 0}
@@ -158,6 +160,9 @@ class WorkerManager:
                 await asyncio.wait(pending, timeout=5)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        if self._renewal_timer is not None:
+            self._renewal_timer.cancel()
+            self._renewal_timer = None
         log.info("event=worker_stopped consumer=%s", self.consumer_id)
 
     def _executions(self) -> list[Execution]:
@@ -352,10 +357,11 @@ class WorkerManager:
     async def _execute(self, execution: Execution) -> None:
         d = execution.dispatch
         token = d.claim_token or ""
-        # most runs end long before their first renewal: a timer, not a task, waits for it
-        execution.renewal = asyncio.get_running_loop().call_later(
-            self.settings.lease_renewal_ms / 1000, self.renew_lease_now, execution
-        )
+        # most runs end long before their first renewal: one pod-wide timer watches for the
+        # renewals that come due, rather than a timer (or a task) per run
+        loop = asyncio.get_running_loop()
+        execution.renewal_due = loop.time() + self.settings.lease_renewal_ms / 1000
+        self._watch_renewals(loop)
         live = None
         self.metrics.active_runs.inc()
         try:
@@ -607,13 +613,32 @@ class WorkerManager:
 
     # ------------------------------------------------------------------ leases and live commands
 
+    def _watch_renewals(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._renewal_timer is None:
+            # often enough that a renewal starts well inside the lease
+            s = self.settings
+            tick = min(s.lease_renewal_ms, s.lease_ms - s.lease_renewal_ms) / 4 / 1000
+            self._renewal_timer = loop.call_later(tick, self._start_due_renewals, loop)
+
+    def _start_due_renewals(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._renewal_timer = None
+        now = loop.time()
+        pending = False
+        for execution in self._busy.values():
+            if execution is None or execution.renewal is not None or execution.task is None or execution.task.done():
+                continue
+            if execution.renewal_due <= now:
+                self.renew_lease_now(execution)
+            else:
+                pending = True
+        if pending:
+            self._watch_renewals(loop)
+
     def renew_lease_now(self, execution: Execution) -> None:
         """Renew the execution's lease now (its renewal loop starts at the first one due)."""
-        if isinstance(execution.renewal, asyncio.Task):
+        if execution.renewal is not None:
             execution.renewal_now.set()
             return
-        if execution.renewal is not None:
-            execution.renewal.cancel()
         d = execution.dispatch
         execution.renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
 

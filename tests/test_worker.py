@@ -126,6 +126,26 @@ async def test_no_more_handlers_at_once_than_configured(nats_url, prefix):
         await pod.stop()
 
 
+async def test_runs_that_outlive_their_lease_keep_it_renewed(nats_url, prefix):
+    """Handlers that run for several leases keep their claims: the sweep (every 100 ms here)
+    reclaims none of them, and each runs exactly once."""
+    async def slow(run: RunContext):
+        await asyncio.sleep(1.2)
+        return run.input
+
+    rec = Recorder(slow)
+    settings = fast_settings(prefix, lease_ms=400, lease_renewal_ms=150, sweep_interval_ms=100)
+    pod = await start_pod(settings, url=nats_url, handler=rec)
+    try:
+        ids = [await submit(pod, f"t{i}", i) for i in range(3)]
+        runs = await wait_runs(pod, ids)
+        assert [r.output for r in runs] == [0, 1, 2] and all(r.attempts == 1 for r in runs)
+        assert len(rec.executions) == 3
+        assert pod.metrics.lease_renewals.labels("ok")._value.get() >= 3 * 5
+    finally:
+        await pod.stop()
+
+
 # ---------------------------------------------------------------------- serialization
 
 
