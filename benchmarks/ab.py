@@ -26,7 +26,7 @@ FIGURES = {
     "throughput": ["runs_per_s", "cpu_us_per_run", "start_p99_ms"],
     "idle": ["start_p50_ms", "start_p99_ms"],
     "history": ["claim_p50_ms", "submit_p50_ms"],
-    "hot": ["others_start_p99_ms"],
+    "hot": ["others_start_p99_ms", "others_p99_ratio"],
     "soak": ["growth_pct"],
     "two_pods": ["runs_per_s", "cpu_us_per_run", "nats_requests_per_run"],
 }
@@ -41,9 +41,13 @@ def run_scenario(tree: Path, scenario: str) -> dict[str, Any]:
 
 def figures(result: Any, names: list[str]) -> dict[str, float]:
     """The named figures, from a result or (for paired scenarios, and history's levels) its
-    last element."""
+    last element; for the hot-thread pair also the ratio of its p99s (with / without)."""
     if isinstance(result, list):
-        result = result[-1]
+        if len(result) == 2 and all("others_start_p99_ms" in r for r in result):
+            ratio = result[1]["others_start_p99_ms"] / result[0]["others_start_p99_ms"]
+            result = {**result[-1], "others_p99_ratio": ratio}
+        else:
+            result = result[-1]
     return {n: float(result[n]) for n in names if n in result}
 
 

@@ -321,6 +321,7 @@ class NatsDispatchStore(ThreadStore):
         else:
             state, rev = await self._snapshot(thread_id)
             verified = True
+        live_only = cached is not None  # the cache holds live dispatches only; a snapshot all
         while True:
             try:
                 outcome: Outcome[T] | None = decide(state)
@@ -330,7 +331,7 @@ class NatsDispatchStore(ThreadStore):
                 # a refusal is never decided on the cache, which holds live dispatches only
                 # (ack of an acked dispatch is a version conflict, not "not found"): read all
                 state, rev = await self._snapshot(thread_id)
-                verified = True
+                verified, live_only = True, False
                 continue
             if not verified and not outcome.change and not trust_own_commit:
                 # a decision that writes nothing is never taken on the cache alone (unless the
@@ -339,6 +340,7 @@ class NatsDispatchStore(ThreadStore):
                 verified = True
                 if await self._revision(thread_id) != rev:
                     state, rev = await self._snapshot(thread_id)
+                    live_only = False
                 continue
             assert outcome is not None
             if outcome.change:
@@ -355,12 +357,12 @@ class NatsDispatchStore(ThreadStore):
                     if verified:  # a real race, not a stale cache: spread out the writers
                         await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
                     state, rev = await self._snapshot(thread_id, at_least=conflict.current)
-                    verified = True
+                    verified, live_only = True, False
                     continue
                 except BaseException:
                     self._threads.pop(thread_id, None)
                     raise
-                self._remember_thread(ops.apply(state, outcome.change), rev)
+                self._remember_thread(ops.apply(state, outcome.change), rev, outcome.change if live_only else None)
             if outcome.error is not None:
                 raise outcome.error
             return outcome.result
@@ -390,11 +392,19 @@ class NatsDispatchStore(ThreadStore):
                 raise StoreUnavailableError(f"revision of thread '{thread_id}' unreadable (status {status})")
             await asyncio.sleep(0.05)
 
-    def _remember_thread(self, state: ThreadState, rev: int) -> None:
-        # only live dispatches are kept: what claims, enqueues and interrupts decide on.
-        # A thread's terminal history stays in the bucket (until GC), not in memory.
-        live = {i: d for i, d in state.dispatches.items() if not d.is_terminal}
-        state = ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=live)
+    def _remember_thread(self, state: ThreadState, rev: int, only: ops.Change | None = None) -> None:
+        """Cache the thread's live dispatches: what claims, enqueues and interrupts decide on.
+        A thread's terminal history stays in the bucket (until GC), not in memory. `only`:
+        `state` is a live-only state after this change (and its own copy), so only the
+        dispatches it wrote can have ended: a hot thread's chain does not filter its whole
+        queue on every step."""
+        if only is None:
+            live = {i: d for i, d in state.dispatches.items() if not d.is_terminal}
+            state = ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=live)
+        else:
+            for write in only.writes:
+                if isinstance(write, ops.PutDispatch) and write.record.is_terminal:
+                    state.dispatches.pop(write.record.dispatch_id, None)
         self._threads[state.thread_id] = (state, rev)
         self._threads.move_to_end(state.thread_id)
         if len(self._threads) > THREAD_CACHE:

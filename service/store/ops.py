@@ -51,9 +51,10 @@ class ThreadState(msgspec.Struct):
     dispatches: dict[str, RunDispatch] = {}
 
     def claimed(self) -> list[RunDispatch]:
-        return sorted(
-            (d for d in self.dispatches.values() if d.status == DispatchStatus.CLAIMED), key=RunDispatch.sort_key
-        )
+        held = [d for d in self.dispatches.values() if d.status is DispatchStatus.CLAIMED]
+        if len(held) > 1:  # one at most, but for a store written by hand or by an older version
+            held.sort(key=RunDispatch.sort_key)
+        return held
 
     def is_empty(self) -> bool:
         return not self.dispatches
@@ -198,34 +199,34 @@ def purge_run(existing: RunRecord | None, older_than: int, referenced: set[str])
 # --------------------------------------------------------------------------- claim
 
 
-def _supersede_stale_queued(state: ThreadState, now: int) -> list[RunDispatch]:
-    return [
-        d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH)
-        for d in state.dispatches.values()
-        if d.status == DispatchStatus.QUEUED and is_stale(d, state.epoch)
-    ]
-
-
 def claim(
     state: ThreadState, consumer_id: str, token: str, lease_ms: int, now: int, limit: int, start: str | None = None
 ) -> Outcome[list[RunDispatch]]:
     """`start`, if given, also records the attempt's start (as `record_dispatch_start` with
     that instance id) in the same write: for a worker about to run what it claims."""
-    mine = [d for d in state.claimed() if d.claim_token == token]
+    # one pass over the thread: a hot thread holds thousands of queued dispatches, and every
+    # claim of its chain reads them all
+    held: list[RunDispatch] = []
+    stale: list[RunDispatch] = []
+    ready: list[RunDispatch] = []
+    for d in state.dispatches.values():
+        if d.status is DispatchStatus.QUEUED:
+            if is_stale(d, state.epoch):
+                stale.append(d)
+            elif d.available_at <= now:
+                ready.append(d)
+        elif d.status is DispatchStatus.CLAIMED:
+            held.append(d)
+    mine = sorted((d for d in held if d.claim_token == token), key=RunDispatch.sort_key)
     if mine:  # our own commit landed though its reply was lost: same answer again
         return Outcome(_NOTHING, mine)
-    superseded = _supersede_stale_queued(state, now)
-    gone = {d.dispatch_id for d in superseded}
-    if limit <= 0 or state.claimed():
+    superseded = [d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH) for d in stale]
+    if limit <= 0 or held:
         return Outcome(_puts(*superseded), [])
-    eligible = sorted(
-        (
-            d
-            for d in state.dispatches.values()
-            if d.status == DispatchStatus.QUEUED and d.available_at <= now and d.dispatch_id not in gone
-        ),
-        key=RunDispatch.sort_key,
-    )[:limit]
+    if limit == 1:
+        eligible = [min(ready, key=RunDispatch.sort_key)] if ready else []
+    else:
+        eligible = sorted(ready, key=RunDispatch.sort_key)[:limit]
     claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
     if start is not None:
         claimed = [d.record_dispatch_start(start, now) for d in claimed]
