@@ -12,7 +12,6 @@ import enum
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import nats.errors
 from opentelemetry import context as otel_context
 
 from . import retry
+from .bounded import Bounded
 from .config import Settings
 from .events import EventStream
 from .handlers import Handler, PermanentError, RunContext, Suspended, TransientError
@@ -119,7 +119,7 @@ class WorkerManager:
         self.metrics = metrics or Metrics()
         self.tracer = tracer or PassThroughTracer()
         self._busy: dict[str, Execution | None] = {}  # thread -> None while claiming, else the execution
-        self._finished_here: OrderedDict[str, None] = OrderedDict()  # dispatches this pod completed
+        self._finished_here: Bounded[str, None] = Bounded(FINISHED_MEMORY)  # dispatches this pod completed
         # threads told BUSY since our last claim on them: the caller (a signal acked, a submit
         # that sent no signal) relies on our next claim, which must look past our own last commit
         self._promised: set[str] = set()
@@ -563,9 +563,7 @@ class WorkerManager:
         result = RunDispatchResult(run_id=d.run_id, dispatch_instance_id=instance, status=status)
         with self.metrics.timed("ack"):
             if await self._call(self.store.complete(d.dispatch_id, token, result, now), d):
-                self._finished_here[d.dispatch_id] = None
-                if len(self._finished_here) > FINISHED_MEMORY:
-                    self._finished_here.popitem(last=False)
+                self._finished_here.put(d.dispatch_id, None)
 
     async def _update_run(
         self,

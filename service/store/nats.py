@@ -25,7 +25,6 @@ import logging
 import random
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +38,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
+from ..bounded import Bounded
 from ..natsclient import connect as connect_client, subscribe_inline
 from ..streams import differences
 from ..model import DispatchStatus, RunDispatch, RunRecord, RunStatus, StoreError, StoreUnavailableError
@@ -194,9 +194,9 @@ class NatsDispatchStore(ThreadStore):
         self._reply_sub: Any = None
         self._pending: dict[str, tuple[list[Msg], asyncio.Future[int]]] = {}
         self._next_token = 0
-        self._alias_cache: OrderedDict[tuple[AliasKind, str], str] = OrderedDict()
-        self._threads: OrderedDict[str, tuple[ThreadState, int]] = OrderedDict()  # our last commits
-        self._runs: OrderedDict[str, tuple[RunRecord, int]] = OrderedDict()
+        self._alias_cache: Bounded[tuple[AliasKind, str], str] = Bounded(ALIAS_CACHE)
+        self._threads: Bounded[str, tuple[ThreadState, int]] = Bounded(THREAD_CACHE)  # our last commits
+        self._runs: Bounded[str, tuple[RunRecord, int]] = Bounded(RUN_CACHE)
         self._sweep_index: _SweepIndex | None = None
         self._sweep_lock = asyncio.Lock()
         self._locks: dict[str, _ThreadLock] = {}
@@ -405,10 +405,7 @@ class NatsDispatchStore(ThreadStore):
             for write in only.writes:
                 if isinstance(write, ops.PutDispatch) and write.record.is_terminal:
                     state.dispatches.pop(write.record.dispatch_id, None)
-        self._threads[state.thread_id] = (state, rev)
-        self._threads.move_to_end(state.thread_id)
-        if len(self._threads) > THREAD_CACHE:
-            self._threads.popitem(last=False)
+        self._threads.put(state.thread_id, (state, rev))
 
     async def _read_thread(self, thread_id: str) -> ThreadState:
         return (await self._snapshot(thread_id))[0]
@@ -447,10 +444,7 @@ class NatsDispatchStore(ThreadStore):
                 else:
                     assert decision.record is not None
                     new_seq = await self._publish(key, encode_record(decision.record, self.max_record_bytes), headers)
-                    self._runs[run_id] = (decision.record, new_seq)
-                    self._runs.move_to_end(run_id)
-                    if len(self._runs) > RUN_CACHE:
-                        self._runs.popitem(last=False)
+                    self._runs.put(run_id, (decision.record, new_seq))
                 return decision.result
             except _Conflict as conflict:
                 self.stats.conflicts += 1
@@ -470,7 +464,7 @@ class NatsDispatchStore(ThreadStore):
     async def _read_run(self, thread_id: str, run_id: str) -> RunRecord | None:
         run, seq = await self._get_run(keys.run_key(thread_id, run_id))
         if run is not None:
-            self._runs[run_id] = (run, seq)
+            self._runs.put(run_id, (run, seq))
         return run
 
     async def _thread_runs(self, thread_id: str) -> list[RunRecord]:
@@ -516,9 +510,7 @@ class NatsDispatchStore(ThreadStore):
     def _remember_alias(self, kind: AliasKind, id: str, thread_id: str) -> None:
         # an id's thread never changes, so this cache can only be incomplete, never wrong
         # (a purged and re-created id is the exception; reads then find no record, see load)
-        self._alias_cache[(kind, id)] = thread_id
-        if len(self._alias_cache) > ALIAS_CACHE:
-            self._alias_cache.popitem(last=False)
+        self._alias_cache.put((kind, id), thread_id)
 
     async def try_lead(self, name: str, holder: str, ttl_ms: int, now: int) -> bool:
         """A leader key with a server-side TTL: it vanishes when its holder stops renewing."""
