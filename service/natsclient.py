@@ -158,7 +158,7 @@ class MailboxNatsClient(Client):
         self._resp_map[token] = future
         try:
             reply = self._resp_sub_prefix.decode() + token
-            if not self._queue_publish(subject, payload, reply, headers, reply_checked=True):
+            if not self._queue_publish(subject, payload, reply, headers, checked=True):
                 await super().publish(subject, payload, reply=reply, headers=headers)
             self._expire_at(token, loop.time() + timeout, loop)
             return await future
@@ -198,15 +198,16 @@ class MailboxNatsClient(Client):
             await super().publish(subject, payload, reply, headers)
 
     def _queue_publish(
-        self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None, reply_checked: bool = False
+        self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None, checked: bool = False
     ) -> bool:
         """nats-py's publish as one plain call: check, encode, queue, wake the flusher. False,
         with nothing queued, where nats-py's own path has to run: while not connected (it
         buffers or refuses), with headers it treats specially, or when the pending buffer would
-        pass its limit (it flushes and waits). `reply_checked`: the reply is our own inbox."""
-        if not self._skip_subject_validation:
+        pass its limit (it flushes and waits). `checked`: a request's, whose subject `request`
+        has validated and whose reply is our own inbox."""
+        if not self._skip_subject_validation and not checked:
             _validate_subject(subject)
-            if reply and not reply_checked:
+            if reply:
                 _validate_subject(reply)
         if self.is_closed:
             raise errors.ConnectionClosedError

@@ -6,8 +6,12 @@
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.lru_cache(maxsize=4096)
 def H(value: str) -> str:
+    # cached: a run's ids are encoded into a dozen keys and subjects
     return "h" + value.encode().hex()
 
 
