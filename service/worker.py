@@ -615,7 +615,7 @@ class WorkerManager:
         if self._renewal_timer is None:
             # often enough that a renewal starts well inside the lease
             s = self.settings
-            tick = min(s.lease_renewal_ms, s.lease_ms - s.lease_renewal_ms) / 4 / 1000
+            tick = max(0.005, min(s.lease_renewal_ms, s.lease_ms - s.lease_renewal_ms) / 4 / 1000)
             self._renewal_timer = loop.call_later(tick, self._start_due_renewals, loop)
 
     def _start_due_renewals(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -51,7 +51,7 @@ class ThreadState(msgspec.Struct):
     dispatches: dict[str, RunDispatch] = {}
 
     def claimed(self) -> list[RunDispatch]:
-        held = [d for d in self.dispatches.values() if d.status is DispatchStatus.CLAIMED]
+        held = [d for d in self.dispatches.values() if d.status == DispatchStatus.CLAIMED]
         if len(held) > 1:  # one at most, but for a store written by hand or by an older version
             held.sort(key=RunDispatch.sort_key)
         return held
@@ -210,12 +210,12 @@ def claim(
     stale: list[RunDispatch] = []
     ready: list[RunDispatch] = []
     for d in state.dispatches.values():
-        if d.status is DispatchStatus.QUEUED:
+        if d.status == DispatchStatus.QUEUED:
             if is_stale(d, state.epoch):
                 stale.append(d)
             elif d.available_at <= now:
                 ready.append(d)
-        elif d.status is DispatchStatus.CLAIMED:
+        elif d.status == DispatchStatus.CLAIMED:
             held.append(d)
     mine = sorted((d for d in held if d.claim_token == token), key=RunDispatch.sort_key)
     if mine:  # our own commit landed though its reply was lost: same answer again
