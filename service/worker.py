@@ -641,28 +641,16 @@ class WorkerManager:
         execution.renewal = asyncio.create_task(self._renew_lease(execution), name=f"lease-{d.dispatch_id}")
 
     async def _renew_lease(self, execution: Execution) -> None:
-        d = execution.dispatch
         interval = self.settings.lease_renewal_ms / 1000
         while True:
             execution.renewal_now.clear()
             suspended = execution.context is not None and execution.context.suspended
             lease_ms = self.settings.suspended_lease_ms if suspended else self.settings.lease_ms
             now = self.clock()
-            try:
-                ok = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", lease_ms, now)
-            except StoreError as exc:
-                self.metrics.lease_renewals.labels("error").inc()
-                log.warning("event=lease_renewal_failed dispatch=%s error=%s", d.dispatch_id, exc)
-                if now >= execution.lease_until:
-                    self._cancel(execution, CancelReason.LEASE_LOST)
-                    return
-            else:
-                self.metrics.lease_renewals.labels("ok" if ok else "lost").inc()
-                if not ok:
-                    log.info("event=lease_lost dispatch=%s", d.dispatch_id)
-                    self._cancel(execution, CancelReason.LEASE_LOST)
-                    return
-                execution.lease_until = now + lease_ms
+            renewed = await self._extend(execution, lease_ms, now)
+            if renewed is False or (renewed is None and now >= execution.lease_until):
+                self._cancel(execution, CancelReason.LEASE_LOST)
+                return
             try:
                 await asyncio.wait_for(execution.renewal_now.wait(), interval)
             except TimeoutError:
@@ -671,13 +659,23 @@ class WorkerManager:
     async def _renew_lapsed(self, execution: Execution, now: int) -> bool:
         """Renew a claim whose lease ran out by our clock: True (with a fresh lease) while it
         is still ours; False when it is gone or the store cannot say."""
+        return await self._extend(execution, self.settings.lease_ms, now) is True
+
+    async def _extend(self, execution: Execution, lease_ms: int, now: int) -> bool | None:
+        """Extend the execution's lease to `now + lease_ms`: True, False when the claim is
+        gone, None when the store failed (both logged and counted)."""
         d = execution.dispatch
         try:
-            renewed = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", self.settings.lease_ms, now)
-        except StoreError:
-            return False
+            renewed = await self.store.extend_lease(d.dispatch_id, d.claim_token or "", lease_ms, now)
+        except StoreError as exc:
+            self.metrics.lease_renewals.labels("error").inc()
+            log.warning("event=lease_renewal_failed dispatch=%s error=%s", d.dispatch_id, exc)
+            return None
+        self.metrics.lease_renewals.labels("ok" if renewed else "lost").inc()
         if renewed:
-            execution.lease_until = now + self.settings.lease_ms
+            execution.lease_until = now + lease_ms
+        else:
+            log.info("event=lease_lost dispatch=%s", d.dispatch_id)
         return renewed
 
     def _cancel(self, execution: Execution, reason: CancelReason) -> bool:
