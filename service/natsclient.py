@@ -103,12 +103,9 @@ class MailboxNatsClient(Client):
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if not self._deliver_inline(sid, subject, reply, data, headers):
-            await super()._process_msg(sid, subject, reply, data, headers)
-
     def _deliver_inline(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
-        """Hand a message to its inline handler, if its subscription has one (False if not)."""
+        """Hand a message to its inline handler, if its subscription has one (False if not:
+        the parser then gives it to nats-py's `_process_msg`)."""
         handler = self._inline.get(sid)
         sub = self._subs.get(sid)
         if handler is None or sub is None:
