@@ -11,10 +11,12 @@ checked against nats-py's own code by tests/test_natsclient.py):
   callback task; replies that only resolve a future or count an ack (request replies, the
   store's batch reads, event acks) are handled straight from the read loop instead
   (`subscribe_inline`);
-- publish: headers are encoded in one join once their names are known to be valid tokens
-  (nats-py checks every name with a regex on every publish), and a publish is queued for
-  the flusher by one plain function instead of four nested coroutines (`publish`,
-  `_send_publish`, `_send_command`, `_flush_pending`, which also makes a future per call);
+- publish: one plain function checks, encodes and queues a publish for the flusher, instead
+  of four nested coroutines (`publish`, `_send_publish`, `_send_command`, `_flush_pending`,
+  which also makes a future per call); headers are encoded in one join once their names are
+  known to be valid tokens (nats-py checks every name with a regex on every publish). Where
+  nats-py's own handling is needed (not connected, unusual headers, a full pending buffer)
+  its `publish` runs unchanged;
 - the protocol parser: nats-py deletes each message from the front of its read buffer
   (a copy of the rest of the buffer per message, so a 64 KB read of small messages costs
   quadratic time); this one walks the buffer with an offset and compacts it once per read.
@@ -199,6 +201,8 @@ class MailboxNatsClient(Client):
         buffers or refuses), with headers it treats specially, or when the pending buffer would
         pass its limit (it flushes and waits). `checked`: a request's, whose subject `request`
         has validated and whose reply is our own inbox."""
+        if not subject:
+            raise errors.BadSubjectError
         if not self._skip_subject_validation and not checked:
             _validate_subject(subject)
             if reply:
@@ -216,8 +220,6 @@ class MailboxNatsClient(Client):
         cmd = self._publish_command(subject, reply, payload, payload_size, headers)
         if cmd is None or 0 < self._max_pending_size < self._pending_data_size + len(cmd):
             return False
-        if not subject:
-            raise errors.BadSubjectError
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
         self._pending.append(cmd)
@@ -236,21 +238,6 @@ class MailboxNatsClient(Client):
         if hdr is None:
             return None
         return f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + payload_size}\r\n".encode() + hdr + payload + _CRLF
-
-    async def _send_publish(
-        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
-    ) -> None:
-        cmd = self._publish_command(subject, reply, payload, payload_size, headers)
-        if cmd is None:  # unusual names or values: nats-py's own path
-            await super()._send_publish(subject, reply, payload, payload_size, headers)
-            return
-        if not subject:
-            raise errors.BadSubjectError
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += payload_size
-        await self._send_command(cmd)
-        if self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
 
     def _encode_headers(self, headers: dict[str, Any]) -> bytes | None:
         """nats-py's header block, or None when a name is new and invalid, or a value is not
