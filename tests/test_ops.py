@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.model import (
     CLAIMED_LEASE_EXPIRED_AFTER_INTERRUPT,
@@ -30,6 +32,7 @@ from service.model import (
     RunDispatchResult,
     RunRecord,
     RunStatus,
+    StoreError,
     ValidationError,
     VersionConflictError,
 )
@@ -1018,3 +1021,78 @@ def test_update_run_of_an_unknown_run_raises_not_found() -> None:
 def test_update_run_cannot_change_identity(field: str) -> None:
     with pytest.raises(ValidationError):
         ops.update_run(run("run-a"), "run-a", lambda r: msgspec.structs.replace(r, **{field: "x"}))
+
+
+# --------------------------------------------------------------------------- the claim index
+
+
+def _index_view(index: ops.QueueIndex) -> tuple[Any, ...]:
+    return (index.order, sorted(index.claimed), dict(index.epochs))
+
+
+_ENQUEUE = st.tuples(st.just("enqueue"), st.integers(0, 3), st.sampled_from([0, 0, 0, 15, 40]), st.integers(0, 3))
+_CLAIM = st.tuples(st.just("claim"), st.sampled_from([1, 1, 1, 2, 3]))
+_STEPS = st.lists(
+    st.one_of(  # weighted towards queues of several dispatches, claimed and settled in turn
+        _ENQUEUE, _ENQUEUE, _ENQUEUE, _CLAIM, _CLAIM,
+        st.tuples(st.just("ack")),
+        st.tuples(st.just("ack")),
+        st.tuples(st.just("nack"), st.integers(0, 3)),
+        st.tuples(st.just("expire")),
+        st.tuples(st.just("cancel"), st.integers(0, 30)),
+        st.tuples(st.just("interrupt")),
+        st.tuples(st.just("epoch")),  # an epoch bump that leaves queued dispatches stale
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=_STEPS)
+def test_a_claim_decides_the_same_with_the_index_as_by_walking_the_thread(steps: list[tuple[Any, ...]]) -> None:
+    """The same operations on a thread with and without a `QueueIndex`: every decision is the
+    same, and the index kept up by `apply` equals one built from scratch."""
+    plain = state()
+    indexed = state()
+    indexed.index = ops.QueueIndex.of(indexed.dispatches)
+    now, n = NOW, 0
+    for step in steps:
+        now += 10
+        kind = step[0]
+        claimed = [d for d in plain.dispatches.values() if d.status == DispatchStatus.CLAIMED]
+        if kind == "enqueue":
+            n += 1
+            _, priority, delay, _ = step
+            d = dispatch(f"d{n}", created_at=now - 5 * (n % 3), priority=priority, available_at=now + delay)
+            decide: Any = lambda s, d=d: ops.enqueue(s, d)  # noqa: E731
+        elif kind == "claim":
+            decide = lambda s, limit=step[1]: ops.claim(s, CONSUMER, f"tok{now}", LEASE, now, limit, start="i")  # noqa: E731
+        elif kind in ("ack", "nack", "expire") and claimed:
+            c = claimed[0]
+            if kind == "ack":
+                decide = lambda s, c=c: ops.ack(s, c.dispatch_id, c.claim_token, now)  # noqa: E731
+            elif kind == "nack":
+                decide = lambda s, c=c: ops.nack(s, c.dispatch_id, c.claim_token, now + step[1], "e", now)  # noqa: E731
+            else:
+                decide = lambda s, c=c: ops.reclaim_expired(s, c.dispatch_id, (c.lease_until or 0) + 1)  # noqa: E731
+        elif kind == "cancel" and plain.dispatches:
+            victim = sorted(plain.dispatches)[step[1] % len(plain.dispatches)]
+            decide = lambda s, v=victim: ops.cancel(s, v, now)  # noqa: E731
+        elif kind == "interrupt":
+            decide = lambda s: ops.interrupt(s, now)  # noqa: E731
+        elif kind == "epoch":
+            decide = lambda s: Outcome(Change([PutEpoch(s.epoch + 1)]), None)  # noqa: E731
+        else:
+            continue
+        try:
+            a = decide(plain)
+        except StoreError as exc:
+            with pytest.raises(type(exc)):
+                decide(indexed)
+            continue
+        b = decide(indexed)
+        assert (a.result, a.change, type(a.error)) == (b.result, b.change, type(b.error))
+        plain, indexed = ops.apply(plain, a.change), ops.apply(indexed, b.change)
+        assert indexed.dispatches == plain.dispatches
+        assert indexed.index is not None
+        assert _index_view(indexed.index) == _index_view(ops.QueueIndex.of(indexed.dispatches))

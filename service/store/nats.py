@@ -405,6 +405,8 @@ class NatsDispatchStore(ThreadStore):
             for write in only.writes:
                 if isinstance(write, ops.PutDispatch) and write.record.is_terminal:
                     state.dispatches.pop(write.record.dispatch_id, None)
+        if state.index is None:  # built once per read; commits decided on the cache keep it
+            state.index = ops.QueueIndex.of(state.dispatches)
         self._threads.put(state.thread_id, (state, rev))
 
     async def _read_thread(self, thread_id: str) -> ThreadState:
@@ -1017,4 +1019,6 @@ def _absorb(state: ThreadState, rest: str, data: bytes) -> None:
 
 
 def _copy_state(state: ThreadState) -> ThreadState:
-    return ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches))
+    # the index is shared: decisions only read it, and `ops.apply` copies it before a change
+    return ThreadState(thread_id=state.thread_id, epoch=state.epoch, dispatches=dict(state.dispatches),
+                       index=state.index)

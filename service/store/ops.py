@@ -9,7 +9,9 @@ functions are unit-tested without any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 import msgspec
@@ -42,13 +44,67 @@ from ..model import (
 T = TypeVar("T")
 
 
+class QueueIndex:
+    """A thread's queued dispatches in claim order, its claimed ones and the epochs of the
+    queued ones: what a claim needs, kept up to date write by write (`apply`), so that a
+    claim on a long queue (a hot thread's chain) does not walk and sort the whole thread."""
+
+    __slots__ = ("order", "claimed", "epochs")
+
+    def __init__(self, order: list[tuple[int, int, str]], claimed: set[str], epochs: Counter[int]) -> None:
+        self.order = order  # sort keys (priority, created_at, dispatch_id) of the queued ones
+        self.claimed = claimed
+        self.epochs = epochs
+
+    @classmethod
+    def of(cls, dispatches: Mapping[str, RunDispatch]) -> QueueIndex:
+        index = cls([], set(), Counter())
+        for d in dispatches.values():
+            index._add(d)
+        index.order.sort()
+        return index
+
+    def copy(self) -> QueueIndex:
+        return QueueIndex(list(self.order), set(self.claimed), Counter(self.epochs))
+
+    def replace(self, old: RunDispatch | None, new: RunDispatch | None) -> None:
+        """`old` (if any) became `new` (None: deleted)."""
+        if old is not None:
+            if old.status == DispatchStatus.QUEUED:
+                key = old.sort_key()
+                i = bisect.bisect_left(self.order, key)
+                if i < len(self.order) and self.order[i] == key:
+                    del self.order[i]
+                self.epochs[old.dispatch_epoch] -= 1
+                if self.epochs[old.dispatch_epoch] <= 0:
+                    del self.epochs[old.dispatch_epoch]
+            elif old.status == DispatchStatus.CLAIMED:
+                self.claimed.discard(old.dispatch_id)
+        if new is not None:
+            if new.status == DispatchStatus.QUEUED:
+                bisect.insort(self.order, new.sort_key())
+                self.epochs[new.dispatch_epoch] += 1
+            elif new.status == DispatchStatus.CLAIMED:
+                self.claimed.add(new.dispatch_id)
+
+    def _add(self, d: RunDispatch) -> None:
+        if d.status == DispatchStatus.QUEUED:
+            self.order.append(d.sort_key())
+            self.epochs[d.dispatch_epoch] += 1
+        elif d.status == DispatchStatus.CLAIMED:
+            self.claimed.add(d.dispatch_id)
+
+
 class ThreadState(msgspec.Struct):
     """A thread's queue state: its epoch and its dispatches. (Runs are stored beside the
-    thread, one key each: no queue decision reads them, so claims need not read them.)"""
+    thread, one key each: no queue decision reads them, so claims need not read them.)
+    `index`, when a store keeps one (the NATS store's cache of its own commits), lets a
+    claim read the queue in order; without it a claim walks the thread."""
 
     thread_id: str
     epoch: int = 0
     dispatches: dict[str, RunDispatch] = {}
+    index: QueueIndex | None = None
 
     def claimed(self) -> list[RunDispatch]:
         held = [d for d in self.dispatches.values() if d.status == DispatchStatus.CLAIMED]
@@ -114,19 +170,25 @@ def apply(state: ThreadState, change: Change) -> ThreadState:
     """The state after `change` (used by the memory store and by tests)."""
     dispatches = dict(state.dispatches)
     epoch = state.epoch
+    index = state.index.copy() if state.index is not None else None
     for w in change.writes:
         match w:
             case PutDispatch(record=d):
+                old = dispatches.get(d.dispatch_id)
                 dispatches[d.dispatch_id] = d
+                if index is not None:
+                    index.replace(old, d)
             case PutEpoch(epoch=e):
                 epoch = e
             case DeleteDispatch(dispatch_id=i):
-                dispatches.pop(i, None)
+                old = dispatches.pop(i, None)
+                if index is not None:
+                    index.replace(old, None)
             case DeleteEpoch():
                 epoch = 0
             case ForgetRun():
                 pass
-    return ThreadState(thread_id=state.thread_id, epoch=epoch, dispatches=dispatches)
+    return ThreadState(thread_id=state.thread_id, epoch=epoch, dispatches=dispatches, index=index)
 
 
 def _puts(*records: RunDispatch) -> Change:
@@ -204,6 +266,9 @@ def claim(
 ) -> Outcome[list[RunDispatch]]:
     """`start`, if given, also records the attempt's start (as `record_dispatch_start` with
     that instance id) in the same write: for a worker about to run what it claims."""
+    index = state.index
+    if index is not None and not any(epoch < state.epoch for epoch in index.epochs):
+        return _claim_in_order(state, index, consumer_id, token, lease_ms, now, limit, start)
     # one pass over the thread: a hot thread holds thousands of queued dispatches, and every
     # claim of its chain reads them all
     held: list[RunDispatch] = []
@@ -232,6 +297,33 @@ def claim(
         claimed = [d.record_dispatch_start(start, now) for d in claimed]
     change = _puts(*superseded, *claimed)
     # several claims at once must land together; supersedes before a single claim need not
+    change.atomic = len(claimed) > 1
+    return Outcome(change, claimed)
+
+
+def _claim_in_order(
+    state: ThreadState, index: QueueIndex, consumer_id: str, token: str, lease_ms: int, now: int, limit: int,
+    start: str | None,
+) -> Outcome[list[RunDispatch]]:
+    """`claim` on an indexed thread with no stale queued dispatch: the queue is read in claim
+    order up to the first `limit` available ones."""
+    held = sorted((state.dispatches[i] for i in index.claimed), key=RunDispatch.sort_key)
+    mine = [d for d in held if d.claim_token == token]
+    if mine:  # our own commit landed though its reply was lost: same answer again
+        return Outcome(_NOTHING, mine)
+    if limit <= 0 or held:
+        return Outcome(_puts(), [])
+    eligible: list[RunDispatch] = []
+    for _, _, dispatch_id in index.order:
+        d = state.dispatches[dispatch_id]
+        if d.available_at <= now:
+            eligible.append(d)
+            if len(eligible) == limit:
+                break
+    claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
+    if start is not None:
+        claimed = [d.record_dispatch_start(start, now) for d in claimed]
+    change = _puts(*claimed)
     change.atomic = len(claimed) > 1
     return Outcome(change, claimed)
 
