@@ -127,10 +127,9 @@ class _DispatchHead(msgspec.Struct):
 
 
 class _RunHead(msgspec.Struct):
-    """The two fields of a stored run the sweep's incremental read decides on."""
+    """The field of a stored run the sweep's incremental read decides on."""
 
     status: RunStatus = RunStatus.CREATED
-    dispatch_id: str | None = None
 
 
 _dispatch_head = msgspec.json.Decoder(_DispatchHead)
@@ -586,9 +585,11 @@ class NatsDispatchStore(ThreadStore):
                 if e.subject not in index.runs:
                     new_runs.append(e.subject)
                 index.runs[e.subject] = e.data
+        # decoded for this sweep only: between sweeps the view holds the records' bytes
+        runs = {subject: _run_decoder.decode(data) for subject, data in index.runs.items()}
         # a terminal dispatch is kept only while an open run refers to it: the history read
         # since the last sweep is dropped page by page, never held
-        wanted = {h.dispatch_id for h in map(_run_head.decode, index.runs.values()) if h.dispatch_id}
+        wanted = {r.dispatch_id for r in runs.values() if r.dispatch_id}
         async for page in self._scan_pages(f"{self._kv}t.>", after=index.dispatch_seq):
             for e in page:
                 index.dispatch_seq = max(index.dispatch_seq, e.seq)
@@ -605,8 +606,6 @@ class NatsDispatchStore(ThreadStore):
                     index.dispatches.pop(e.subject, None)
                 else:
                     index.dispatches[e.subject] = e.data
-        # decoded for this sweep only: between sweeps the view holds the records' bytes
-        runs = {subject: _run_decoder.decode(data) for subject, data in index.runs.items()}
         dispatches = {key: _dispatch_decoder.decode(data) for key, data in index.dispatches.items()}
         # a run that appeared after the runs were read may have a dispatch that already ended
         # (and was dropped above): fetch those few, the ones without a live dispatch
