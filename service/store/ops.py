@@ -268,9 +268,47 @@ def claim(
     that instance id) in the same write: for a worker about to run what it claims."""
     index = state.index
     if index is not None and not any(epoch < state.epoch for epoch in index.epochs):
-        return _claim_in_order(state, index, consumer_id, token, lease_ms, now, limit, start)
-    # one pass over the thread: a hot thread holds thousands of queued dispatches, and every
-    # claim of its chain reads them all
+        held, stale, take = _queue_in_order(state, index, now, limit)
+    else:
+        held, stale, take = _queue_by_walking(state, now, limit)
+    mine = sorted((d for d in held if d.claim_token == token), key=RunDispatch.sort_key)
+    if mine:  # our own commit landed though its reply was lost: same answer again
+        return Outcome(_NOTHING, mine)
+    superseded = [d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH) for d in stale]
+    if limit <= 0 or held:
+        return Outcome(_puts(*superseded), [])
+    claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in take()]
+    if start is not None:
+        claimed = [d.record_dispatch_start(start, now) for d in claimed]
+    change = _puts(*superseded, *claimed)
+    # several claims at once must land together; supersedes before a single claim need not
+    change.atomic = len(claimed) > 1
+    return Outcome(change, claimed)
+
+
+_Queue = tuple[list[RunDispatch], list[RunDispatch], Callable[[], list[RunDispatch]]]
+
+
+def _queue_in_order(state: ThreadState, index: QueueIndex, now: int, limit: int) -> _Queue:
+    """(claimed, stale queued, the first `limit` available queued) of an indexed thread with
+    no stale queued dispatch: the queue is read from its head."""
+
+    def take() -> list[RunDispatch]:
+        eligible: list[RunDispatch] = []
+        for _, _, dispatch_id in index.order:
+            d = state.dispatches[dispatch_id]
+            if d.available_at <= now:
+                eligible.append(d)
+                if len(eligible) == limit:
+                    break
+        return eligible
+
+    return [state.dispatches[i] for i in index.claimed], [], take
+
+
+def _queue_by_walking(state: ThreadState, now: int, limit: int) -> _Queue:
+    """The same, in one pass over the thread (a hot thread holds thousands of queued
+    dispatches: no second scan, and no sort for the service's `limit = 1`)."""
     held: list[RunDispatch] = []
     stale: list[RunDispatch] = []
     ready: list[RunDispatch] = []
@@ -282,50 +320,13 @@ def claim(
                 ready.append(d)
         elif d.status == DispatchStatus.CLAIMED:
             held.append(d)
-    mine = sorted((d for d in held if d.claim_token == token), key=RunDispatch.sort_key)
-    if mine:  # our own commit landed though its reply was lost: same answer again
-        return Outcome(_NOTHING, mine)
-    superseded = [d.mark_superseded_at_epoch(now, state.epoch, QUEUED_SUPERSEDED_BY_EPOCH) for d in stale]
-    if limit <= 0 or held:
-        return Outcome(_puts(*superseded), [])
-    if limit == 1:
-        eligible = [min(ready, key=RunDispatch.sort_key)] if ready else []
-    else:
-        eligible = sorted(ready, key=RunDispatch.sort_key)[:limit]
-    claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
-    if start is not None:
-        claimed = [d.record_dispatch_start(start, now) for d in claimed]
-    change = _puts(*superseded, *claimed)
-    # several claims at once must land together; supersedes before a single claim need not
-    change.atomic = len(claimed) > 1
-    return Outcome(change, claimed)
 
+    def take() -> list[RunDispatch]:
+        if limit == 1:
+            return [min(ready, key=RunDispatch.sort_key)] if ready else []
+        return sorted(ready, key=RunDispatch.sort_key)[:limit]
 
-def _claim_in_order(
-    state: ThreadState, index: QueueIndex, consumer_id: str, token: str, lease_ms: int, now: int, limit: int,
-    start: str | None,
-) -> Outcome[list[RunDispatch]]:
-    """`claim` on an indexed thread with no stale queued dispatch: the queue is read in claim
-    order up to the first `limit` available ones."""
-    held = sorted((state.dispatches[i] for i in index.claimed), key=RunDispatch.sort_key)
-    mine = [d for d in held if d.claim_token == token]
-    if mine:  # our own commit landed though its reply was lost: same answer again
-        return Outcome(_NOTHING, mine)
-    if limit <= 0 or held:
-        return Outcome(_puts(), [])
-    eligible: list[RunDispatch] = []
-    for _, _, dispatch_id in index.order:
-        d = state.dispatches[dispatch_id]
-        if d.available_at <= now:
-            eligible.append(d)
-            if len(eligible) == limit:
-                break
-    claimed = [d.claim(consumer_id, token, now + lease_ms, now) for d in eligible]
-    if start is not None:
-        claimed = [d.record_dispatch_start(start, now) for d in claimed]
-    change = _puts(*claimed)
-    change.atomic = len(claimed) > 1
-    return Outcome(change, claimed)
+    return held, stale, take
 
 
 def claim_dispatch(
