@@ -29,6 +29,8 @@ from .model import (
     Termination,
     TerminationKind,
     ValidationError,
+    check_dispatch_id_for_run,
+    first_dispatch_id,
     validate_id,
     validate_run,
 )
@@ -165,7 +167,7 @@ class Mailbox:
                     steered=True,
                 )
         run_id = req.run_id or self.new_id()
-        dispatch_id = req.dispatch_id or self.new_id()
+        dispatch_id = req.dispatch_id or first_dispatch_id(run_id) or self.new_id()
         max_attempts = req.max_attempts or self.default_max_attempts
         run = RunRecord(
             run_id=run_id,
@@ -215,6 +217,8 @@ class Mailbox:
             value = getattr(req, name)
             if value is not None:
                 validate_id(value, name)
+        if req.dispatch_id is not None:
+            check_dispatch_id_for_run(req.dispatch_id, req.run_id)
         if not 0 <= req.priority <= 255:
             raise ValidationError("priority must be within 0..255", field="priority")
         if req.delay_ms is not None and not 0 <= req.delay_ms <= 365 * 86_400_000:

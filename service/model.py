@@ -392,6 +392,38 @@ def validate_id(value: object, field: str) -> str:
     return value
 
 
+FIRST_DISPATCH_SUFFIX = "#1"
+
+
+def first_dispatch_id(run_id: str) -> str | None:
+    """The id a submit gives its run's first dispatch when the caller names none: the run
+    id and "#1". Such an id needs no alias key of its own (the run's alias finds its
+    thread), so a submit writes one key fewer. None when it would be too long."""
+    dispatch_id = run_id + FIRST_DISPATCH_SUFFIX
+    return dispatch_id if len(dispatch_id.encode()) <= MAX_ID_BYTES else None
+
+
+def run_of_first_dispatch(dispatch_id: str) -> str | None:
+    """The run whose first dispatch `dispatch_id` names (it ends in "#1"), else None."""
+    if dispatch_id.endswith(FIRST_DISPATCH_SUFFIX):
+        return dispatch_id[: -len(FIRST_DISPATCH_SUFFIX)]
+    return None
+
+
+def check_dispatch_id_for_run(dispatch_id: str, run_id: str | None) -> None:
+    """Dispatch ids ending in "#1" are reserved: each names the first dispatch of one run,
+    so that two dispatches can never share one (the run id is unique, and no alias of the
+    dispatch id guards it). `run_id` None: a run the service has not named yet."""
+    owner = run_of_first_dispatch(dispatch_id)
+    if owner is not None and owner != run_id:
+        raise ValidationError(
+            f"dispatch_id '{dispatch_id[:64]}' is reserved: ids ending in '{FIRST_DISPATCH_SUFFIX}' name the "
+            f"first dispatch of the run before it ('{owner[:64]}'), not of run '{(run_id or '(new)')[:64]}'",
+            field="dispatch_id",
+            id=dispatch_id[:64],
+        )
+
+
 def _non_negative(d: RunDispatch, field: str) -> None:
     value = getattr(d, field)
     if value is not None and value < 0:

@@ -62,7 +62,10 @@ class SubmitRequest(_Request):
     delay_ms: Annotated[int, Meta(ge=0, le=365 * 86_400_000, description="Start no earlier than this many ms from now.")] | None = None
     max_attempts: Annotated[int, Meta(ge=1, le=1000, description="Attempts before dead-lettering; default from config.")] | None = None
     run_id: Id | None = None
-    dispatch_id: Id | None = None
+    dispatch_id: Annotated[
+        Id,
+        Meta(description=f"An id (not blank, at most {MAX_ID_BYTES} UTF-8 bytes); default: the run id and '#1'. Ids ending in '#1' are reserved: each names the first dispatch of the run before it."),
+    ] | None = None
     metadata: Metadata = {}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from service.app import start_pod
 from service.handlers import RunContext
-from service.model import AlreadyExistsError, RunStatus
+from service.model import AlreadyExistsError, RunStatus, ValidationError
 from service.protocol import SubmitRequest
 
 from .conftest import unique_prefix
@@ -64,5 +64,43 @@ async def test_live_input_to_a_finished_run_is_not_delivered(nats_url, prefix):
         await wait_runs(pod, [run_id])
         reply = await pod.mailbox.send(thread_id="t", data="late")
         assert not reply.delivered
+    finally:
+        await pod.stop()
+
+
+async def test_a_submit_names_its_first_dispatch_after_its_run_and_writes_no_alias_for_it(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler="echo", start_worker=False, start_api=False)
+    try:
+        reply = await pod.mailbox.submit(SubmitRequest(thread_id="t", input=1))
+        assert reply.dispatch_id == reply.run_id + "#1"
+        store = pod.store
+        assert [e.subject for e in await store._scan(f"{store._kv}id.>")] == []  # one key fewer per submit
+        store._alias_cache.clear()
+        assert (await store.load_dispatch(reply.dispatch_id)).run_id == reply.run_id  # found through the run
+        # a dispatch id the caller names keeps its own alias
+        named = await pod.mailbox.submit(SubmitRequest(thread_id="t", input=2, dispatch_id="mine"))
+        assert named.dispatch_id == "mine" and len(await store._scan(f"{store._kv}id.>")) == 1
+    finally:
+        await pod.stop()
+
+
+async def test_a_submit_naming_a_dispatch_id_reserved_for_another_run_is_refused_and_writes_nothing(nats_url, prefix):
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler="echo", start_worker=False, start_api=False)
+    try:
+        first = await pod.mailbox.submit(SubmitRequest(thread_id="t", input=1))
+        for req in (
+            SubmitRequest(thread_id="t", input=2, dispatch_id=first.dispatch_id),  # a new run, another's id
+            SubmitRequest(thread_id="u", input=2, dispatch_id="x#1", run_id="y"),
+            SubmitRequest(thread_id="u", input=2, dispatch_id="#1", strategy="interrupt"),
+        ):
+            with pytest.raises(ValidationError) as refused:
+                await pod.mailbox.submit(req)
+            assert refused.value.field == "dispatch_id"
+        assert [d.dispatch_id for d in await pod.store.list_dispatches("t")] == [first.dispatch_id]
+        assert await pod.store.list_dispatches("u") == [] and await pod.store.load_run("y") is None
+        assert await pod.store.current_dispatch_epoch("u") == 0
+        # naming the id a submit would give its own run's first dispatch is fine
+        own = await pod.mailbox.submit(SubmitRequest(thread_id="u", input=3, run_id="z", dispatch_id="z#1"))
+        assert (own.run_id, own.dispatch_id) == ("z", "z#1")
     finally:
         await pod.stop()

@@ -26,7 +26,10 @@ from service.model import (
     Termination,
     TerminationKind,
     ValidationError,
+    check_dispatch_id_for_run,
+    first_dispatch_id,
     is_stale,
+    run_of_first_dispatch,
     validate_for_enqueue,
     validate_for_persist,
     validate_id,
@@ -842,3 +845,26 @@ def test_json_with_explicit_nulls_reads_back_as_none() -> None:
 def test_run_dispatch_result_round_trip() -> None:
     r = run_result(termination=Termination(TerminationKind.ERROR, "boom"), error="boom")
     assert msgspec.json.decode(msgspec.json.encode(r), type=RunDispatchResult) == r
+
+
+# --------------------------------------------------------------------------- first dispatch ids
+
+
+def test_a_runs_first_dispatch_id_leads_back_to_the_run():
+    assert first_dispatch_id("r-1") == "r-1#1"
+    assert run_of_first_dispatch("r-1#1") == "r-1"
+    assert run_of_first_dispatch("r-1#1#1") == "r-1#1"  # one suffix at a time: any run id round-trips
+    assert run_of_first_dispatch("r-1") is None and run_of_first_dispatch("r-1#2") is None
+    fits = "é" * (MAX_ID_BYTES // 2 - 1)  # two bytes short of the limit: room for "#1"
+    assert first_dispatch_id(fits) == fits + "#1"
+    assert first_dispatch_id("a" + fits) is None  # the caller's dispatch then gets a minted id
+
+
+def test_reserved_dispatch_ids_are_refused_for_any_run_but_their_own():
+    check_dispatch_id_for_run("r#1", "r")
+    check_dispatch_id_for_run("plain", "r")
+    check_dispatch_id_for_run("plain", None)
+    for dispatch_id, run_id in (("r#1", "s"), ("r#1", None), ("#1", None), ("#1", "r")):
+        with pytest.raises(ValidationError) as refused:
+            check_dispatch_id_for_run(dispatch_id, run_id)
+        assert refused.value.field == "dispatch_id" and refused.value.id == dispatch_id

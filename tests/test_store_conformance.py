@@ -716,6 +716,38 @@ async def test_create_run_rejects_duplicates(store):
     assert await store.load_run("r3") is None
 
 
+async def test_a_runs_first_dispatch_is_found_by_its_id_through_the_run(store):
+    r = run("r1", dispatch_id="r1#1")
+    await store.create_run(r, RunDispatch.queued("r1#1", "t1", "r1", 1000))
+    assert (await store.load_dispatch("r1#1")).run_id == "r1"
+    assert await store.load_dispatch("r2#1") is None  # a run that does not exist has no first dispatch
+    await store.cancel("r1#1", 3000)
+    assert (await store.load_dispatch("r1#1")).status == S.CANCELLED
+    # purged with its run, the id is free again, like any other
+    await store.update_run("r1", lambda x: msgspec.structs.replace(x, status=RunStatus.DONE, updated_at=3000))
+    assert await store.purge_terminal(10**12) == 1
+    assert await store.load_dispatch("r1#1") is None
+
+
+async def test_dispatch_ids_ending_in_hash_1_belong_to_the_first_dispatch_of_their_run(store):
+    # another run cannot take one: two dispatches named alike would be found by one id
+    with pytest.raises(ValidationError) as refused:
+        await store.enqueue(q("r1#1", run_id="other"))
+    assert refused.value.field == "dispatch_id"
+    with pytest.raises(ValidationError):
+        await store.create_run(run("r2", dispatch_id="r1#1"), RunDispatch.queued("r1#1", "t1", "r2", 1000))
+    assert await store.list_dispatches("t1") == [] and await store.load_run("r2") is None
+    assert await store.load_run("other") is None
+    # its own run's dispatch is an ordinary one: enqueued, found, unique on its thread
+    await store.enqueue(q("r1#1", run_id="r1"))
+    assert (await store.load_dispatch("r1#1")).run_id == "r1"
+    with pytest.raises(AlreadyExistsError):
+        await store.enqueue(q("r1#1", run_id="r1"))
+    with pytest.raises(ValidationError):  # and the run, with it, lives on one thread
+        await store.enqueue(q("r1#1", thread_id="t2", run_id="r1"))
+    assert await store.list_dispatches("t2") == []
+
+
 async def test_claim_can_record_the_start_in_the_same_write(store):
     await store.enqueue(q("d1"))
     [d] = await store.claim("t1", "w", LEASE, 2000, 1, start="inst-9")

@@ -30,6 +30,8 @@ from ..model import (
     StoreError,
     StoreUnavailableError,
     ValidationError,
+    check_dispatch_id_for_run,
+    run_of_first_dispatch,
     validate_for_enqueue,
     validate_id,
     validate_run,
@@ -154,17 +156,28 @@ class ThreadStore(ABC):
 
     async def _bind_for(self, dispatch: RunDispatch) -> bool:
         """Bind the dispatch's and its run's ids; True if the dispatch id is new."""
-        bound, created = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
-        if bound != dispatch.thread_id:
-            raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
-        bound, _ = await self._bind("run", dispatch.run_id, dispatch.thread_id)
+        check_dispatch_id_for_run(dispatch.dispatch_id, dispatch.run_id)
+        first = run_of_first_dispatch(dispatch.dispatch_id) is not None
+        created = False
+        if not first:  # a run's first dispatch is found through the run's alias
+            bound, created = await self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id)
+            if bound != dispatch.thread_id:
+                raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
+        bound, run_created = await self._bind("run", dispatch.run_id, dispatch.thread_id)
         if bound != dispatch.thread_id:
             raise ValidationError(
                 f"run_id '{dispatch.run_id}' belongs to thread '{bound}', not '{dispatch.thread_id}'",
                 field="run_id",
                 id=dispatch.run_id,
             )
-        return created
+        return run_created if first else created
+
+    async def _dispatch_thread(self, dispatch_id: str) -> str | None:
+        """The thread a dispatch id belongs to, or None if the id is unknown."""
+        run_id = run_of_first_dispatch(dispatch_id)
+        if run_id is not None:
+            return await self._thread_of("run", run_id)
+        return await self._thread_of("dispatch", dispatch_id)
 
     async def claim(
         self,
@@ -195,7 +208,8 @@ class ThreadStore(ABC):
         # written): the claimer's lease, settle and run writes need not look either id up,
         # though most runs are claimed by a pod other than the one that took their submit
         for d in claimed:
-            self._remember_alias("dispatch", d.dispatch_id, thread_id)
+            if run_of_first_dispatch(d.dispatch_id) is None:
+                self._remember_alias("dispatch", d.dispatch_id, thread_id)
             self._remember_alias("run", d.run_id, thread_id)
         return claimed
 
@@ -258,13 +272,13 @@ class ThreadStore(ABC):
         )
 
     async def _on_dispatch(self, dispatch_id: str, missing: T, decide: Callable[[ThreadState], Outcome[T]]) -> T:
-        thread_id = await self._thread_of("dispatch", dispatch_id)
+        thread_id = await self._dispatch_thread(dispatch_id)
         if thread_id is None:
             return missing
         return await self._thread_op(thread_id, decide)
 
     async def _on_owned(self, dispatch_id: str, decide: Callable[[ThreadState], Outcome[None]]) -> None:
-        thread_id = await self._thread_of("dispatch", dispatch_id)
+        thread_id = await self._dispatch_thread(dispatch_id)
         if thread_id is None:
             raise NotFoundError(f"dispatch '{dispatch_id}' not found", id=dispatch_id)
         await self._thread_op(thread_id, decide)
@@ -275,7 +289,7 @@ class ThreadStore(ABC):
         return (await self._read_thread(thread_id)).epoch
 
     async def load_dispatch(self, dispatch_id: str) -> RunDispatch | None:
-        thread_id = await self._thread_of("dispatch", dispatch_id)
+        thread_id = await self._dispatch_thread(dispatch_id)
         if thread_id is None:
             return None
         return (await self._read_thread(thread_id)).dispatches.get(dispatch_id)
@@ -429,17 +443,18 @@ class ThreadStore(ABC):
                 raise ValidationError("the dispatch must belong to the run and its thread", id=dispatch.dispatch_id)
             validate_for_enqueue(dispatch)
             encode_record(dispatch, self.max_record_bytes)
-        # both ids are bound at once (two independent keys: no order between them matters)
+            check_dispatch_id_for_run(dispatch.dispatch_id, run.run_id)
         bind_run = self._bind("run", run.run_id, run.thread_id)
         new_dispatch_id = True
-        if dispatch is not None:
+        if dispatch is not None and run_of_first_dispatch(dispatch.dispatch_id) is None:
+            # both ids are bound at once (two independent keys: no order between them matters)
             (bound_dispatch, new_dispatch_id), (bound, _) = await asyncio.gather(
                 self._bind("dispatch", dispatch.dispatch_id, dispatch.thread_id), bind_run
             )
             if bound_dispatch != dispatch.thread_id:
                 raise AlreadyExistsError(f"dispatch '{dispatch.dispatch_id}' already exists", id=dispatch.dispatch_id)
-        else:
-            bound, _ = await bind_run
+        else:  # no dispatch, or the run's first one, whose id is as new as the run's
+            bound, new_dispatch_id = await bind_run
         if bound != run.thread_id:
             raise AlreadyExistsError(f"run '{run.run_id}' already exists on another thread", id=run.run_id)
         await self._run_op(run.thread_id, run.run_id, lambda existing: ops.create_run(existing, run), creating=True)

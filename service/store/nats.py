@@ -41,7 +41,7 @@ from nats.js.api import StreamConfig
 from ..bounded import Bounded
 from ..natsclient import connect as connect_client, subscribe_inline
 from ..streams import differences
-from ..model import DispatchStatus, RunDispatch, RunRecord, RunStatus, StoreError, StoreUnavailableError
+from ..model import DispatchStatus, RunDispatch, RunRecord, RunStatus, StoreError, StoreUnavailableError, run_of_first_dispatch
 from . import ops
 from . import keys
 from .base import DEFAULT_MAX_RECORD_BYTES, AliasKind, Survey, ThreadStore, encode_record
@@ -697,6 +697,8 @@ class NatsDispatchStore(ThreadStore):
     async def _purge_alias(self, w: DeleteDispatch | ForgetRun) -> None:
         kind: AliasKind = "dispatch" if isinstance(w, DeleteDispatch) else "run"
         id = w.dispatch_id if isinstance(w, DeleteDispatch) else w.run_id
+        if kind == "dispatch" and run_of_first_dispatch(id) is not None:
+            return  # a run's first dispatch has no alias of its own
         self._alias_cache.pop((kind, id), None)
         try:
             await self._publish(_alias_key(kind, id), b"", _PURGE)
