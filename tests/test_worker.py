@@ -141,7 +141,7 @@ async def test_runs_that_outlive_their_lease_keep_it_renewed(nats_url, prefix):
         runs = await wait_runs(pod, ids)
         assert [r.output for r in runs] == [0, 1, 2] and all(r.attempts == 1 for r in runs)
         assert len(rec.executions) == 3
-        assert pod.metrics.lease_renewals.labels("ok")._value.get() >= 3 * 5
+        assert pod.metrics.lease_renewals.labels("ok").value >= 3 * 5
     finally:
         await pod.stop()
 
