@@ -225,7 +225,7 @@ class WorkerManager:
         execution.task = asyncio.create_task(self._execute(execution), name=f"run-{dispatch.dispatch_id}")
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)  # runs up to its first wait now
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -442,7 +442,9 @@ class WorkerManager:
             self._finish(execution)
 
     async def _run_handler(self, execution: Execution, context: RunContext) -> _Outcome:
-        task = asyncio.create_task(self.handler(context))
+        # started eagerly: a handler that finishes without waiting (or up to its first wait)
+        # runs here and now, not one loop turn later behind a shield
+        task = asyncio.Task(self.handler(context), loop=asyncio.get_running_loop(), eager_start=True)
         inner = execution.task
         try:
             output = await asyncio.shield(task)
