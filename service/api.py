@@ -478,9 +478,7 @@ class ApiService(Service):
     def _handler(self, name: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
             await self._slots.acquire()
-            # started eagerly: the request runs up to its first wait now, not one loop turn later
-            task = asyncio.Task(self._serve(name, request), loop=asyncio.get_running_loop(), name=f"api-{name}",
-                                eager_start=True)
+            task = asyncio.create_task(self._serve(name, request), name=f"api-{name}")
             self._inflight.add(task)
             task.add_done_callback(self._done)
 

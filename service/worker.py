@@ -225,7 +225,7 @@ class WorkerManager:
         execution.task = asyncio.create_task(self._execute(execution), name=f"run-{dispatch.dispatch_id}")
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)  # runs up to its first wait now
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
