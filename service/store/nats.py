@@ -73,7 +73,7 @@ terminal counts exact again (purges are not subtracted in between)."""
 # LRU sizes of what this store remembers of its own commits (bounded memory in a long run):
 THREAD_CACHE = 4096  # threads' state and revision after our last change
 RUN_CACHE = 4096  # runs' record and revision after our last change (create → start → finish)
-ALIAS_CACHE = 16384  # dispatch/run id → thread (immutable facts)
+ALIAS_CACHE = 8192  # run id (or another dispatch id) → thread: immutable facts, ~one per run
 """Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
 
 _TRANSIENT = (
