@@ -433,3 +433,13 @@ async def test_gc_purges_aliases_whose_record_never_came(nats_store):
     assert await s._thread_of("run", "run-refused") is None
     assert await s._thread_of("dispatch", "live") == "t1"  # live ids keep theirs
     assert await s._thread_of("run", "run-live") == "t1"
+
+
+async def test_a_dispatch_id_ending_in_hash_1_stored_with_its_own_alias_is_still_found(nats_store):
+    """Before "#1" was reserved for a run's first dispatch, a caller could name any dispatch
+    so; such a record kept its alias, and is found by it when no run of that name exists."""
+    s = nats_store
+    await raw_put(s, [q("legacy#1")])  # run "run-legacy#1": the id does not name its run
+    assert (await s.load_dispatch("legacy#1")).run_id == "run-legacy#1"
+    await s.cancel("legacy#1", 2000)
+    assert (await s.load_dispatch("legacy#1")).status == DispatchStatus.CANCELLED

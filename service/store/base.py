@@ -176,7 +176,10 @@ class ThreadStore(ABC):
         """The thread a dispatch id belongs to, or None if the id is unknown."""
         run_id = run_of_first_dispatch(dispatch_id)
         if run_id is not None:
-            return await self._thread_of("run", run_id)
+            thread_id = await self._thread_of("run", run_id)
+            if thread_id is not None:
+                return thread_id
+            # no such run: an id stored with an alias of its own before "#1" was reserved
         return await self._thread_of("dispatch", dispatch_id)
 
     async def claim(
