@@ -72,6 +72,7 @@ serve process ~3 MB higher after each such sweep (the soak's last tenths), with 
 Smaller pages cost round trips: a full sweep of 100,000 records took 2.1-2.8 s at 1,000,
 3.6 s at 500 and 5.6 s at 250 (docs/performance.md)."""
 MARKER_TTL_S = 900
+"""Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
 
 FULL_SWEEP_EVERY_S = 600
 """How often `sweep_view` reads the whole bucket again instead of what changed: it makes the
@@ -80,7 +81,6 @@ terminal counts exact again (purges are not subtracted in between)."""
 THREAD_CACHE = 4096  # threads' state and revision after our last change
 RUN_CACHE = 4096  # runs' record and revision after our last change (create → start → finish)
 ALIAS_CACHE = 8192  # run id (or another dispatch id) → thread: immutable facts, ~one per run
-"""Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
 
 _TRANSIENT = (
     nats.errors.TimeoutError,
