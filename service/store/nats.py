@@ -66,11 +66,12 @@ WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 another guarded write on the same subject is still in flight. Both mean: re-read, decide again."""
 MAX_BATCH = 1000
 SCAN_PAGE = 500
-"""Keys per page of a scan. A page is held at once (as messages, then entries), and the
-sweep that follows busy traffic reads ~90,000 runs' keys: with pages of 1,000 that left the
-serve process ~3 MB higher after each such sweep (the soak's last tenths), with 500 ~1 MB.
-Smaller pages cost round trips: a full sweep of 100,000 records took 2.1-2.8 s at 1,000,
-3.6 s at 500 and 5.6 s at 250 (docs/performance.md)."""
+"""Keys per page of a scan. A page is held at once, and the sweep that follows busy traffic
+reads ~90,000 runs' keys: with pages of 1,000 held as messages and then as entries, that
+left the serve process 2-3 MB higher after such a sweep (the soak's last tenths); held as
+entries only (converted as they arrive), ~1.7 MB at 1,000 and under 1 MB at 500. Smaller
+pages cost round trips: a full sweep of 100,000 records takes 2.3-2.8 s at 1,000, 3.6-3.9 s
+at 500 and 5.6 s at 250 (docs/performance.md)."""
 MARKER_TTL_S = 900
 """Purge markers expire after 15 min, so deleted keys do not leave markers forever."""
 
@@ -197,7 +198,7 @@ class NatsDispatchStore(ThreadStore):
         self._direct = f"$JS.API.DIRECT.GET.{self.stream}"
         self._inbox = ""
         self._reply_sub: Any = None
-        self._pending: dict[str, tuple[list[Msg], asyncio.Future[int]]] = {}
+        self._pending: dict[str, tuple[_Batch, asyncio.Future[int]]] = {}
         self._next_token = 0
         self._alias_cache: Bounded[tuple[AliasKind, str], str] = Bounded(ALIAS_CACHE)
         self._threads: Bounded[str, tuple[ThreadState, int]] = Bounded(THREAD_CACHE)  # our last commits
@@ -658,10 +659,10 @@ class NatsDispatchStore(ThreadStore):
         request: dict[str, Any] = {"multi_last": [subject_filter], "batch": 1024}
         if max(self._high_water, at_least):
             request["min_last_seq"] = max(self._high_water, at_least)
-        status, msgs = await self._batch_get(request)
+        status, entries = await self._batch_get(request)
         if status == 413:  # more keys than one multi_last answers: scan the subtree in order
             return await self._scan(subject_filter)
-        return [_entry(m) for m in msgs]
+        return entries
 
     async def _commit(self, thread_id: str, rev: int, change: Change) -> int:
         """Publish `change` guarded by the thread revision `rev`; returns the new revision, or
@@ -850,9 +851,9 @@ class NatsDispatchStore(ThreadStore):
                 raise StoreUnavailableError(f"leader read of {key} failed: {reply.error}", id=key)
             await asyncio.sleep(0.05)
 
-    async def _batch_get(self, request: dict[str, Any]) -> tuple[int, list[Msg]]:
+    async def _batch_get(self, request: dict[str, Any]) -> tuple[int, _Batch]:
         """A direct batch get answered on our long-lived reply subscription.
-        Returns (status, messages): 204 at end of batch, 404 no results, 413 too many."""
+        Returns (status, entries): 204 at end of batch, 404 no results, 413 too many."""
         payload = msgspec.json.encode(request)
         deadline = time.monotonic() + self._unavailable_after
         while True:
@@ -875,7 +876,7 @@ class NatsDispatchStore(ThreadStore):
                 raise StoreUnavailableError(f"batch read failed (status {status})")
             await asyncio.sleep(0.05)
 
-    async def _await_batch(self, done: asyncio.Future[int], msgs: list[Msg]) -> int:
+    async def _await_batch(self, done: asyncio.Future[int], msgs: _Batch) -> int:
         """The batch's final status. The timeout is for silence, not for the whole batch: a
         big page on a busy pod keeps arriving for longer than one request timeout."""
         seen = -1
@@ -896,10 +897,10 @@ class NatsDispatchStore(ThreadStore):
         msgs, done = pending
         status = _status(msg)
         if status is None:
-            msgs.append(msg)
+            msgs.append(_entry(msg))  # as it arrives: a page is never held as messages too
         elif not done.done():
             if status == 204:  # end of batch: how many more match beyond what was sent
-                msgs.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)  # type: ignore[attr-defined]
+                msgs.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)
             done.set_result(status)
 
     async def _scan(self, subject_filter: str) -> list[_Entry]:
@@ -915,11 +916,10 @@ class NatsDispatchStore(ThreadStore):
         `after`: only keys last written after this stream sequence."""
         seq = after + 1
         while True:
-            status, msgs = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
-            self.stats.scanned_keys += len(msgs)
-            entries = [_entry(m) for m in msgs]
-            more = status == 204 and bool(entries) and bool(getattr(msgs, "pending", 0))
-            del msgs  # hold the page once, as entries
+            status, batch = await self._batch_get({"seq": seq, "next_by_subj": subject_filter, "batch": page})
+            self.stats.scanned_keys += len(batch)
+            more = status == 204 and bool(batch) and bool(batch.pending)
+            entries: list[_Entry] = batch
             if written_before is not None:
                 older = _written_before(entries, written_before)
                 if older < len(entries):
@@ -949,8 +949,8 @@ class _SweepIndex:
     terminal: dict[DispatchStatus, int] = field(default_factory=dict)
 
 
-class _Batch(list):  # type: ignore[type-arg]
-    """Messages of one batch read; `pending` = matches left beyond it (from the end-of-batch)."""
+class _Batch(list[_Entry]):
+    """The entries of one batch read; `pending` = matches left beyond it (from the end-of-batch)."""
 
     pending = 0
 
