@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from .model import RunDispatch
-from .natsclient import subscribe_inline
+from .natsclient import MailboxNatsClient, subscribe_inline
 from .store import keys
 
 log = logging.getLogger("mailbox.events")
@@ -233,7 +233,9 @@ class EventStream:
             subject = keys.events_subject(self.prefix, event.thread_id, event.run_id)
             self.published += 1
             self._unacked += 1
-            await self.nc.publish(subject, _encode(event), reply=self._ack_inbox)
+            payload = _encode(event)
+            if not (isinstance(self.nc, MailboxNatsClient) and self.nc.publish_built(subject, payload, self._ack_inbox)):
+                await self.nc.publish(subject, payload, reply=self._ack_inbox)
         except Exception as exc:
             log.warning("event=event_publish_failed kind=%s run=%s error=%r", kind, d.run_id, exc)
 

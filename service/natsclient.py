@@ -193,6 +193,12 @@ class MailboxNatsClient(Client):
         if not self._queue_publish(subject, payload, reply, headers):
             await super().publish(subject, payload, reply, headers)
 
+    def publish_built(self, subject: str, payload: bytes, reply: str) -> bool:
+        """Queue a publish whose subject and reply this process built itself (from encoded
+        ids and its own inbox), so they are not validated again; False, with nothing queued,
+        where nats-py's own path has to run (see `_queue_publish`)."""
+        return self._queue_publish(subject, payload, reply, None, checked=True)
+
     def _queue_publish(
         self, subject: str, payload: bytes, reply: str, headers: dict[str, Any] | None, checked: bool = False
     ) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.model import (
     DEFAULT_MAX_ATTEMPTS,
@@ -868,3 +870,19 @@ def test_reserved_dispatch_ids_are_refused_for_any_run_but_their_own():
         with pytest.raises(ValidationError) as refused:
             check_dispatch_id_for_run(dispatch_id, run_id)
         assert refused.value.field == "dispatch_id" and refused.value.id == dispatch_id
+
+
+@given(st.one_of(st.text(max_size=300), st.text(alphabet=st.characters(max_codepoint=127), max_size=300),
+                 st.sampled_from(["", " ", "\t\n", "\x1c", "a" * 256, "a" * 257, "é" * 128, "é" * 129, "\ud800"])))
+def test_an_id_is_accepted_exactly_when_it_is_non_blank_utf8_of_at_most_256_bytes(value):
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        size = None
+    usable = value.strip() != "" and size is not None and size <= MAX_ID_BYTES
+    try:
+        validate_id(value, "run_id")
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == usable
