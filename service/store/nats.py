@@ -859,24 +859,24 @@ class NatsDispatchStore(ThreadStore):
         while True:
             self._next_token += 1
             token = str(self._next_token)
-            msgs = _Batch()
+            batch = _Batch()
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._pending[token] = (msgs, done)
+            self._pending[token] = (batch, done)
             try:
                 await self.nc.publish(self._direct, payload, reply=f"{self._inbox}.{token}")
-                status = await self._await_batch(done, msgs)
+                status = await self._await_batch(done, batch)
             except _TRANSIENT:
                 status = -1
             finally:
                 self._pending.pop(token, None)
             if status in (204, 404, 413):
-                return status, msgs
+                return status, batch
             # 503 no leader / 408 replica behind min_last_seq / transport error: retry until the deadline
             if time.monotonic() > deadline:
                 raise StoreUnavailableError(f"batch read failed (status {status})")
             await asyncio.sleep(0.05)
 
-    async def _await_batch(self, done: asyncio.Future[int], msgs: _Batch) -> int:
+    async def _await_batch(self, done: asyncio.Future[int], batch: _Batch) -> int:
         """The batch's final status. The timeout is for silence, not for the whole batch: a
         big page on a busy pod keeps arriving for longer than one request timeout."""
         seen = -1
@@ -884,23 +884,23 @@ class NatsDispatchStore(ThreadStore):
             try:
                 return await asyncio.wait_for(asyncio.shield(done), self._timeout)
             except TimeoutError:
-                if len(msgs) == seen:
+                if len(batch) == seen:
                     done.cancel()
                     raise
-                seen = len(msgs)
+                seen = len(batch)
 
     def _on_reply(self, msg: Msg) -> None:
         token = msg.subject.rsplit(".", 1)[-1]
         pending = self._pending.get(token)
         if pending is None:
             return
-        msgs, done = pending
+        batch, done = pending
         status = _status(msg)
         if status is None:
-            msgs.append(_entry(msg))  # as it arrives: a page is never held as messages too
+            batch.append(_entry(msg))  # as it arrives: a page is never held as messages too
         elif not done.done():
             if status == 204:  # end of batch: how many more match beyond what was sent
-                msgs.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)
+                batch.pending = int((msg.headers or {}).get("Nats-Num-Pending", "0") or 0)
             done.set_result(status)
 
     async def _scan(self, subject_filter: str) -> list[_Entry]:
