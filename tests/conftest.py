@@ -13,9 +13,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+from hypothesis import settings
 
 from service.embedded import NatsServer
 from service.store import MemoryDispatchStore, NatsDispatchStore
+
+# No per-example deadline for property tests: on a shared CI machine one slow example (a GC
+# pause, a busy core) would fail a correct test as "flaky"; a hang still hits pytest's timeout.
+settings.register_profile("mailbox", deadline=None)
+settings.load_profile("mailbox")
 
 _prefixes = itertools.count()
 
