@@ -370,23 +370,41 @@ async def hot_thread(url: str, with_hot: bool, others: int = 999, per_other: int
             other_runs = [r for r in load.timeline.submitted if r not in before]
             await load.wait_all(len(load.timeline.submitted))
             m1 = await svc.metrics()
-            to_start = load.timeline.to_start(other_runs)
             runs = len(load.timeline.submitted)
             return {
                 "hot_thread": with_hot,
                 "runs": runs,
-                "redeliveries_per_run": (m1.get("mailbox_signal_redelivery_total", 0)
-                                         - m0.get("mailbox_signal_redelivery_total", 0)) / runs,
-                "others_start_p50_ms": pct(to_start, 0.5),
-                "others_start_p99_ms": pct(to_start, 0.99),
+                "redeliveries": m1.get("mailbox_signal_redelivery_total", 0) - m0.get("mailbox_signal_redelivery_total", 0),
+                "others_start_ms": load.timeline.to_start(other_runs),
             }
     finally:
         svc.stop()
 
 
-async def hot_pair(url: str, per_other: int) -> list[dict[str, Any]]:
-    """The other threads' traffic without, then with, the hot thread."""
-    return [await hot_thread(url, False, per_other=per_other), await hot_thread(url, True, per_other=per_other)]
+async def hot_pair(url: str, per_other: int, rounds: int) -> list[dict[str, Any]]:
+    """The other threads' traffic without, then with, the hot thread, `rounds` times in
+    turns; each side's latencies pooled over its rounds. One round is ~3,000 samples whose
+    p99 rests on the slowest 30, which a busy second of a shared machine moves by 2x (the
+    same code gave 1.07-2.3x in single rounds); the pool's p99 rests on rounds x 30, and
+    the turns spread the machine's drift over both sides. Each round's ratio is kept too."""
+    sides: list[list[dict[str, Any]]] = [[], []]
+    for _ in range(rounds):
+        for with_hot, side in ((False, sides[0]), (True, sides[1])):
+            side.append(await hot_thread(url, with_hot, per_other=per_other))
+    pooled = []
+    for with_hot, side in ((False, sides[0]), (True, sides[1])):
+        to_start = [ms for r in side for ms in r["others_start_ms"]]
+        runs = sum(r["runs"] for r in side)
+        pooled.append({
+            "hot_thread": with_hot,
+            "rounds": rounds,
+            "runs": runs,
+            "redeliveries_per_run": sum(r["redeliveries"] for r in side) / runs,
+            "others_start_p50_ms": pct(to_start, 0.5),
+            "others_start_p99_ms": pct(to_start, 0.99),
+            "others_start_p99_ms_by_round": [pct(r["others_start_ms"], 0.99) for r in side],
+        })
+    return pooled
 
 
 async def soak(url: str, n: int, threads: int) -> dict[str, Any]:
@@ -435,7 +453,7 @@ async def main(quick: bool) -> dict[str, Any]:
         print("history ...", flush=True)
         results["history"] = await history(url, history_levels(quick), 100 if quick else 300)
         print("hot thread ...", flush=True)
-        results["hot"] = await hot_pair(url, per_other=1 if quick else 3)
+        results["hot"] = await hot_pair(url, per_other=1 if quick else 3, rounds=1 if quick else 3)
         print("soak ...", flush=True)
         results["soak"] = await soak(url, int(100_000 * scale), 1000)
         print("two pods ...", flush=True)
@@ -452,7 +470,7 @@ async def only(name: str, quick: bool) -> dict[str, Any]:
         "throughput": lambda url: throughput(url, int(20_000 * scale), 1000),
         "idle": lambda url: at_rate(url, 200, 1.5, 1000),
         "history": lambda url: history(url, history_levels(quick), 100 if quick else 300),
-        "hot": lambda url: hot_pair(url, per_other=1 if quick else 3),
+        "hot": lambda url: hot_pair(url, per_other=1 if quick else 3, rounds=1 if quick else 3),
         "soak": lambda url: soak(url, int(100_000 * scale), 1000),
         "two_pods": lambda url: throughput(url, int(20_000 * scale), 1000, pods=2),
     }
@@ -461,6 +479,14 @@ async def only(name: str, quick: bool) -> dict[str, Any]:
         return {"machine": machine(), name: await scenarios[name](server.url)}
     finally:
         server.cleanup()
+
+
+def hot_rounds(cold: dict[str, Any], hot: dict[str, Any]) -> str:
+    """"pooled over N rounds; each: a×, b×, …" for the hot-thread row."""
+    ratios = [h / max(c, 1e-9) for c, h in zip(cold["others_start_p99_ms_by_round"], hot["others_start_p99_ms_by_round"])]
+    if len(ratios) == 1:
+        return "one round"
+    return f"{len(ratios)} rounds pooled; each: " + ", ".join(f"{x:.1f}×" for x in ratios)
 
 
 def report(r: dict[str, Any]) -> str:
@@ -483,7 +509,7 @@ def report(r: dict[str, Any]) -> str:
         ("history: submit p50", f"{h1['submit_p50_ms']:.2f} ms vs {h2['submit_p50_ms']:.2f} ms", "≤ +20%", verdict(h2["submit_p50_ms"] <= 1.2 * h1["submit_p50_ms"])),
         ("maintenance at history", f"{h2['terminal_records']:,} terminal: full sweep {h2['sweep_full_ms']:.0f} ms, next sweep {h2['sweep_incremental_ms']:.0f} ms, GC pass {h2['gc_pass_ms']:.0f} ms", "", ""),
         ("hot thread: redeliveries per run", f"{hot['redeliveries_per_run']:.3f}", "≤ 2", verdict(hot["redeliveries_per_run"] <= 2)),
-        ("hot thread: other threads' p99", f"{hot['others_start_p99_ms']:.1f} ms vs {cold['others_start_p99_ms']:.1f} ms without", "≤ 2×", verdict(hot["others_start_p99_ms"] <= 2 * max(cold["others_start_p99_ms"], 1))),
+        ("hot thread: other threads' p99", f"{hot['others_start_p99_ms']:.1f} ms vs {cold['others_start_p99_ms']:.1f} ms without ({hot_rounds(cold, hot)})", "≤ 2×", verdict(hot["others_start_p99_ms"] <= 2 * max(cold["others_start_p99_ms"], 1))),
         ("soak: RSS growth 10%→100%", f"{soak_r['rss_10pct_mb']:.0f} → {soak_r['rss_100pct_mb']:.0f} MB ({soak_r['growth_pct']:+.1f}%, {soak_r['runs']:,} runs)", "< 10%", verdict(soak_r["growth_pct"] < 10)),
         ("cost per run", f"{t['nats_requests_per_run']:.1f} NATS requests, {t['cpu_us_per_run']:.0f} µs service CPU", "", ""),
     ]
