@@ -279,7 +279,7 @@ async def history(url: str, levels: tuple[int, ...], samples: int = 300) -> list
     levels are timed in turns (one claim, then one submit, on each level, again and again),
     so that a slow stretch of a shared machine lands on all of them alike: timed one level
     after the other, a stretch a few hundred milliseconds long could move one level's p50 by
-    half (09:50, 30 November: claim 0.32 vs 0.51 ms, then 0.33 and 0.32 ms run alone)."""
+    half (30 November: claim 0.32 vs 0.51 ms, then 0.33 and 0.32 ms run alone)."""
     stores = [await NatsDispatchStore.connect(url, prefix=f"bh{random.randrange(10**6)}") for _ in levels]
     maintenance: list[dict[str, float]] = []
     claim_ms: list[list[float]] = [[] for _ in levels]
@@ -559,6 +559,9 @@ def write_docs(r: dict[str, Any], table: str) -> None:
 Measured by `make bench` (benchmarks/run.py): one nats-server, one service process
 (`mailbox serve`, no-op handler, concurrency 256) and one load process (the runner, through
 `MailboxClient`), all on this machine. Baselines ran on the same server in the same run.
+History's two levels are timed in turns (a claim, then a submit, on each level, again and
+again), and the hot-thread pair is run three times, without and with the hot thread in
+turns, each side's latencies pooled: so a slow stretch of the machine lands on both sides.
 
 Machine: {r['machine']}{' — QUICK run (10% sizes)' if r['quick'] else ''}
 
