@@ -443,22 +443,20 @@ class WorkerManager:
 
     async def _run_handler(self, execution: Execution, context: RunContext) -> _Outcome:
         # started eagerly: a handler that finishes without waiting (or up to its first wait)
-        # runs here and now, not one loop turn later behind a shield
+        # runs here and now, not one loop turn later
         task = asyncio.Task(self.handler(context), loop=asyncio.get_running_loop(), eager_start=True)
         inner = execution.task
         try:
-            output = await asyncio.shield(task)
+            # awaited directly, not through a shield (a future and its callbacks per run): a
+            # cancel of the execution goes on to the handler, which has ended when we resume;
+            # ours (`_cancel`) set `context.cancelled` first
+            output = await task
+            if inner is not None and inner.cancelling():
+                raise asyncio.CancelledError  # the handler swallowed the cancel: it still counts
             return _Outcome("ok", output)
         except asyncio.CancelledError:
-            if not task.done():  # we were cancelled: take the handler down with us
-                context.cancelled.set()
-                task.cancel()
-                try:
-                    await task
-                except BaseException:
-                    pass
             if execution.cancel_reason is None and inner is not None and inner.cancelling():
-                raise
+                raise  # not a cancel of ours (the loop shutting down): pass it on
             return _Outcome("cancelled", execution.cancel_reason)
         except Suspended as s:
             return _Outcome("waiting", s)

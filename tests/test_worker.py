@@ -324,6 +324,29 @@ async def test_an_interrupt_cancels_the_active_run_cooperatively(nats_url, prefi
         await pod.stop()
 
 
+async def test_a_handler_that_swallows_the_cancel_and_returns_still_ends_cancelled(nats_url, prefix):
+    """An interrupted handler that catches the cancel and returns a result anyway: the run
+    ends superseded, and the result that came after the cancel is not recorded."""
+
+    async def stubborn(run: RunContext):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return "finished anyway"
+
+    pod = await start_pod(fast_settings(prefix), url=nats_url, handler=stubborn)
+    try:
+        run_id = await submit(pod, "t", None)
+        await wait_for(lambda: _run_status(pod, run_id, RunStatus.RUNNING))
+        assert (await pod.mailbox.interrupt("t")).active_cancelled
+        [run] = await wait_runs(pod, [run_id])
+        assert run.termination.type == TerminationKind.CANCELLED and run.error == RUN_SUPERSEDED
+        assert run.output is None
+        assert (await pod.store.load_dispatch(run.dispatch_id)).status == DispatchStatus.SUPERSEDED
+    finally:
+        await pod.stop()
+
+
 async def test_submit_with_interrupt_strategy_wins_over_older_work(nats_url, prefix):
     gate = asyncio.Event()
 
