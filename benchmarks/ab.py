@@ -29,6 +29,7 @@ FIGURES = {
     "hot": ["others_start_p99_ms", "others_p99_ratio"],
     "soak": ["growth_pct"],
     "two_pods": ["runs_per_s", "cpu_us_per_run", "nats_requests_per_run"],
+    "waiting_handler": ["runs_per_s", "cpu_us_per_run", "start_p99_ms"],
 }
 
 

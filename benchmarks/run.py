@@ -36,6 +36,8 @@ from service.store.base import CLOCK_SKEW_MS
 from .baseline import raw_kv_pattern, raw_work_queue
 
 ROOT = Path(__file__).resolve().parent.parent
+NOOP = "benchmarks.noop:handle"
+NOOP_WAITING = "benchmarks.noop:handle_waiting"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -71,7 +73,7 @@ class Service:
         environ.update(
             MAILBOX_NATS_URL=url,
             MAILBOX_PREFIX=prefix,
-            MAILBOX_HANDLER="benchmarks.noop:handle",
+            MAILBOX_HANDLER=NOOP,
             MAILBOX_CONCURRENCY="256",
             MAILBOX_SIGNAL_BATCH="128",
             MAILBOX_METRICS_PORT=str(self.metrics_port),
@@ -214,12 +216,12 @@ async def submit_paced(load: Load, rate: float, seconds: float, threads: int, th
 # ---------------------------------------------------------------------- scenarios
 
 
-async def throughput(url: str, n: int, threads: int, pods: int = 1) -> dict[str, Any]:
+async def throughput(url: str, n: int, threads: int, pods: int = 1, handler: str = NOOP) -> dict[str, Any]:
     """The burst; with `pods` > 1, that many service processes share the prefix (the API's
     queue group spreads the submits, and whichever pod claims a thread runs it), and the
     cost per run sums them."""
     prefix = f"bt{random.randrange(10**6)}"
-    services = [Service(url, prefix) for _ in range(pods)]
+    services = [Service(url, prefix, MAILBOX_HANDLER=handler) for _ in range(pods)]
 
     async def totals() -> tuple[float, float, float]:
         ms = [await svc.metrics() for svc in services]
@@ -458,6 +460,8 @@ async def main(quick: bool) -> dict[str, Any]:
         results["soak"] = await soak(url, int(100_000 * scale), 1000)
         print("two pods ...", flush=True)
         results["two_pods"] = await throughput(url, int(20_000 * scale), 1000, pods=2)
+        print("a handler that waits ...", flush=True)
+        results["waiting_handler"] = await throughput(url, int(20_000 * scale), 1000, handler=NOOP_WAITING)
     finally:
         server.cleanup()
     return results
@@ -473,6 +477,7 @@ async def only(name: str, quick: bool) -> dict[str, Any]:
         "hot": lambda url: hot_pair(url, per_other=1 if quick else 3, rounds=1 if quick else 3),
         "soak": lambda url: soak(url, int(100_000 * scale), 1000),
         "two_pods": lambda url: throughput(url, int(20_000 * scale), 1000, pods=2),
+        "waiting_handler": lambda url: throughput(url, int(20_000 * scale), 1000, handler=NOOP_WAITING),
     }
     server = NatsServer().start()
     try:
@@ -516,6 +521,9 @@ def report(r: dict[str, Any]) -> str:
     if "two_pods" in r:  # two service processes on the same 2 cores: the cost per run, summed
         two = r["two_pods"]
         rows.append(("two pods, same burst", f"{two['runs_per_s']:.0f} runs/s, {two['nats_requests_per_run']:.1f} NATS requests and {two['cpu_us_per_run']:.0f} µs CPU per run (both pods)", "", ""))
+    if "waiting_handler" in r:  # the no-op handler returns without waiting; real ones wait on I/O
+        w = r["waiting_handler"]
+        rows.append(("a handler that waits once", f"{w['runs_per_s']:.0f} runs/s, {w['cpu_us_per_run']:.0f} µs service CPU per run (same burst)", "", ""))
     width = max(len(a) for a, *_ in rows)
     lines = [f"{a:<{width}}  {b}  [{c}{' ' if c else ''}{d}]" if c else f"{a:<{width}}  {b}" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -584,7 +592,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10%% sizes (a smoke run)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not write docs/")
-    parser.add_argument("--only", choices=["throughput", "idle", "history", "hot", "soak", "two_pods"],
+    parser.add_argument("--only", choices=["throughput", "idle", "history", "hot", "soak", "two_pods", "waiting_handler"],
                         help="run one scenario and print its raw result (no table, no docs)")
     args = parser.parse_args()
     if args.only:
