@@ -446,7 +446,9 @@ def print_run(out: Output, view: Any) -> None:
 
 
 def _dispatch_line(d: Any) -> str:
-    parts = [d.dispatch_id, f"{str(d.status):<11}", f"attempts {d.attempt_count}/{d.max_attempts}", f"epoch {d.dispatch_epoch}"]
+    # a dispatch's attempt_count is what failures and lost leases have used of max_attempts
+    # (a permanent failure dead-letters without using any), not the executions it had
+    parts = [d.dispatch_id, f"{str(d.status):<11}", f"retry budget {d.attempt_count}/{d.max_attempts}", f"epoch {d.dispatch_epoch}"]
     if d.claimed_by:
         parts.append(f"on {d.claimed_by}")
     if d.last_error:
@@ -611,7 +613,7 @@ async def cmd_dlq(client: Any, args: argparse.Namespace, out: Output) -> int:
         out.doc(reply)
         return EXIT_OK
     for d in reply.dispatches:
-        out.line(f"{d.dispatch_id}  thread {d.thread_id}  run {d.run_id}  attempts {d.attempt_count}/{d.max_attempts}  "
+        out.line(f"{d.dispatch_id}  thread {d.thread_id}  run {d.run_id}  retry budget {d.attempt_count}/{d.max_attempts}  "
                  f"{_when(d.completed_at)}  {_show(d.last_error, 120) if d.last_error else ''}".rstrip())
     if not reply.dispatches:
         out.line("no dead letters")

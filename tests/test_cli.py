@@ -276,7 +276,7 @@ async def test_dead_letter_list_and_replay_in_both_modes(nats_url):
         dispatch_id = RUN_LINE.match(out).group(4)
 
         code, out, _ = await mailbox("dlq", "list", env=env)
-        assert code == 0 and re.match(rf"^{dispatch_id}  thread t  run {run_id}  attempts \d/5  ", out)
+        assert code == 0 and re.match(rf"^{dispatch_id}  thread t  run {run_id}  retry budget 0/5  ", out)
         assert "broken for good" in out and "mailbox dlq replay" in out
         code, out, _ = await mailbox("dlq", "list", "--json", env=env)
         assert [d["dispatch_id"] for d in json.loads(out)["dispatches"]] == [dispatch_id]
