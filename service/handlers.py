@@ -2,8 +2,10 @@
 
 A handler is `async def handle(run: RunContext) -> Any`; its return value is the run's output.
 Raise `TransientError` to retry with backoff, `PermanentError` to dead-letter; any other
-exception counts as transient. Cancellation (cancel, interrupt, lost lease, shutdown) raises
-`asyncio.CancelledError` at the handler's next await and sets `run.cancelled`.
+exception counts as transient. Cancellation (cancel, interrupt, lost lease, shutdown) sets
+`run.cancelled` and then raises `asyncio.CancelledError` at the handler's next await; a
+handler that catches it to clean up may return, but the run still ends cancelled (what it
+returns is not recorded).
 
 Waiting for a human: `await run.wait_for_decision(ticket)` suspends the run (its lease becomes
 the long suspended lease) and returns the decision when it is delivered live. If none comes
