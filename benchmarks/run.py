@@ -389,12 +389,12 @@ async def hot_pair(url: str, per_other: int, rounds: int) -> list[dict[str, Any]
     p99 rests on the slowest 30, which a busy second of a shared machine moves by 2x (the
     same code gave 1.07-2.3x in single rounds); the pool's p99 rests on rounds x 30, and
     the turns spread the machine's drift over both sides. Each round's ratio is kept too."""
-    sides: list[list[dict[str, Any]]] = [[], []]
+    sides: dict[bool, list[dict[str, Any]]] = {False: [], True: []}  # with the hot thread?
     for _ in range(rounds):
-        for with_hot, side in ((False, sides[0]), (True, sides[1])):
+        for with_hot, side in sides.items():
             side.append(await hot_thread(url, with_hot, per_other=per_other))
     pooled = []
-    for with_hot, side in ((False, sides[0]), (True, sides[1])):
+    for with_hot, side in sides.items():
         to_start = [ms for r in side for ms in r["others_start_ms"]]
         runs = sum(r["runs"] for r in side)
         pooled.append({
